@@ -1,0 +1,1 @@
+"""Command side: FastAPI service that turns adjustments and reservations into Kafka events."""

@@ -1,0 +1,1 @@
+"""Stream-processor query side: Bytewax dataflow, local RocksDB store and interactive queries."""

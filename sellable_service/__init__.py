@@ -1,0 +1,1 @@
+"""Read-model query side: consumes ``sellable_inventory`` into Cassandra and serves it."""

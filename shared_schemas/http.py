@@ -1,0 +1,120 @@
+"""HTTP conventions shared by the three FastAPI services: one JSON error shape, health
+and metrics routes, and logging set-up.
+
+Every error any service returns looks like::
+
+    {"error": "invalid_request", "message": "count: must not be zero",
+     "details": [{"field": "count", "problem": "must not be zero"}]}
+
+``error`` is a stable machine-readable code, ``message`` a human sentence, ``details``
+(optional) one entry per offending field.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Plain one-line logs on stderr, the same format in every service."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
+
+
+def error_response(
+    status: int,
+    error: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The project's JSON error body with the given status."""
+    body: dict[str, Any] = {"error": error, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
+    # ("body", "count") -> "count"; ("query", "limit") -> "limit"; nested -> "a.b".
+    parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
+    details = []
+    for error in exc.errors():
+        problem = str(error.get("msg", "invalid"))
+        # pydantic prefixes custom ValueError messages with "Value error, ".
+        problem = problem.removeprefix("Value error, ")
+        details.append({"field": _field_name(error.get("loc", ())), "problem": problem})
+    return details
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        return error_response(400, "malformed_json", "The request body is not valid JSON.")
+    details = _validation_details(exc)
+    message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
+    return error_response(422, "invalid_request", message, details)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    error = codes.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, error, str(exc.detail), headers=exc.headers)
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Never a stack trace to the client; the log has it.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", f"{type(exc).__name__}: unexpected failure")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error of ``app`` use :func:`error_response`'s shape."""
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]
+"""Returns the readiness facts; raises (any exception) or sets ``ready: False`` when not ready."""
+
+
+def operations_router(ready: ReadinessCheck, registry: CollectorRegistry) -> APIRouter:
+    """``GET /health/live``, ``GET /health/ready`` and ``GET /metrics`` for one service."""
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health/live", summary="The process is up")
+    async def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @router.get("/health/ready", summary="The service can do its job")
+    async def readiness() -> JSONResponse:
+        try:
+            facts = await ready()
+        except Exception as exc:
+            return error_response(503, "not_ready", f"{type(exc).__name__}: {exc}")
+        if not facts.get("ready", True):
+            return JSONResponse({"status": "not_ready", **facts}, status_code=503)
+        return JSONResponse({"status": "ready", **facts})
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
