@@ -195,3 +195,12 @@ def decode_key(data: bytes) -> InventoryKey:
     """Inverse of :func:`encode_key`; raises :class:`SerdeError` for anything else."""
     record = _read_body(data, 0, INVENTORY_KEY, INVENTORY_KEY)
     return InventoryKey(record["location"], record["sku"])
+
+
+def location_prefix(location: str) -> bytes:
+    """The bytes every key of ``location`` starts with.
+
+    The key's Avro body writes the location first (length, then UTF-8), so a byte-ordered
+    store such as RocksDB finds all skus of one location with a prefix scan.
+    """
+    return encode_key(location, "")[:-1]  # drop the empty sku's zero length

@@ -16,6 +16,7 @@ something to live with.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -146,3 +147,29 @@ def ensure_topics(
         # Re-check the ones that raced with someone else.
         return created + ensure_topics(admin, partitions, specs, replication_factor, timeout)
     return created
+
+
+def ensure_topics_when_available(
+    bootstrap_servers: str,
+    partitions: int = DEFAULT_PARTITIONS,
+    replication_factor: int = 1,
+    wait_seconds: float = 60.0,
+    topics: Iterable[TopicSpec] = ALL_TOPICS,
+) -> list[str]:
+    """:func:`ensure_topics`, retrying while the broker is unreachable, up to ``wait_seconds``.
+
+    A partition mismatch is raised at once: waiting does not fix it.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    deadline = time.monotonic() + wait_seconds
+    specs = list(topics)
+    while True:
+        try:
+            return ensure_topics(admin, partitions, specs, replication_factor, timeout=5.0)
+        except TopicAdminError as exc:
+            if time.monotonic() >= deadline:
+                raise TopicAdminError(
+                    f"Kafka at {bootstrap_servers} not reachable within {wait_seconds:g} s: {exc}"
+                ) from exc
+            log.info("waiting for Kafka at %s: %s", bootstrap_servers, exc)
+            time.sleep(1.0)

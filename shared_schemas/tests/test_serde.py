@@ -149,3 +149,24 @@ def test_serialize_rejects_records_that_do_not_fit() -> None:
 def test_decode_key_bad_bytes(data: bytes) -> None:
     with pytest.raises(SerdeError):
         decode_key(data)
+
+
+def test_position_round_trip_and_errors() -> None:
+    from shared_schemas.positions import Position
+
+    position = Position.parse("inventory_adjustments:2:41")
+    assert position == Position("inventory_adjustments", 2, 41)
+    assert Position.parse(str(position)) == position
+    for bad in ("", "x", "t:1", "t:a:1", "t:1:b", ":1:2", "t:-1:2"):
+        with pytest.raises(ValueError):
+            Position.parse(bad)
+
+
+def test_location_prefix_starts_every_key_of_the_location_only() -> None:
+    from shared_schemas.serde import location_prefix
+
+    prefix = location_prefix("STL")
+    assert encode_key("STL", "123123").startswith(prefix)
+    assert encode_key("STL", "").startswith(prefix)
+    assert not encode_key("STLX", "1").startswith(prefix)
+    assert not encode_key("ST", "L1").startswith(prefix)

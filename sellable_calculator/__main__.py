@@ -1,0 +1,196 @@
+"""Run one calculator instance: the Bytewax dataflow plus its REST API, in one process.
+
+    python -m sellable_calculator                      # instance 0 of 2, port 9094
+    CALCULATOR_INSTANCE_INDEX=1 CALCULATOR_PORT=9095 python -m sellable_calculator
+    python -m sellable_calculator --workers 2          # two Bytewax workers
+
+The dataflow runs on the main thread (Bytewax wants it there for signal handling); the
+API runs on a uvicorn server thread and reads the same RocksDB store. SIGTERM or SIGINT
+stops the sources, lets Bytewax close the epoch and the sinks flush, then stops the API.
+A second signal exits at once; Bytewax recovery makes even that (or kill -9) safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from types import FrameType
+
+import uvicorn
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from pydantic import ValidationError
+
+from sellable_calculator.app import CalculatorRuntime, create_app
+from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
+from sellable_calculator.metrics import CalculatorMetrics
+from sellable_calculator.progress import Progress
+from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import SellableStore
+from shared_schemas.http import configure_logging
+from shared_schemas.topics import (
+    TopicAdminError,
+    TopicMismatchError,
+    ensure_topics_when_available,
+)
+
+log = logging.getLogger("sellable_calculator")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sellable_calculator", description=__doc__)
+    parser.add_argument("--workers", type=int, help="Bytewax workers (CALCULATOR_WORKERS)")
+    parser.add_argument("--index", type=int, help="instance index (CALCULATOR_INSTANCE_INDEX)")
+    parser.add_argument("--port", type=int, help="REST port (CALCULATOR_PORT)")
+    return parser.parse_args(argv)
+
+
+def _end_offsets(settings: CalculatorSettings) -> dict[tuple[str, int], int]:
+    """High watermarks of the owned input partitions: what 'caught up' means at start."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "unused"}
+    )
+    try:
+        return {
+            (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for topic in INPUT_TOPICS
+            for p in settings.owned_partitions
+        }
+    finally:
+        consumer.close()
+
+
+def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
+    settings = runtime.settings
+    config = uvicorn.Config(
+        create_app(runtime),
+        host=settings.calculator_host,
+        port=settings.calculator_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        log_config=None,  # keep the process-wide format from configure_logging
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise OSError(
+                f"REST API could not listen on {settings.calculator_host}:"
+                f"{settings.calculator_port} (port taken?)"
+            )
+        time.sleep(0.02)
+    return server, thread
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run until the dataflow stops; the exit status says whether it stopped cleanly."""
+    args = _parse_args(argv)
+    overrides = {
+        "calculator_workers": args.workers,
+        "calculator_instance_index": args.index,
+        "calculator_port": args.port,
+    }
+    try:
+        settings = CalculatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    log.info(
+        "starting %s: partitions %s of %d, %d worker(s), Kafka %s",
+        settings.instance_id,
+        list(settings.owned_partitions),
+        settings.topic_partitions,
+        settings.calculator_workers,
+        settings.kafka_bootstrap_servers,
+    )
+    try:
+        ensure_topics_when_available(
+            settings.kafka_bootstrap_servers,
+            settings.topic_partitions,
+            settings.topic_replication_factor,
+        )
+        end_offsets = _end_offsets(settings)
+    except (TopicMismatchError, TopicAdminError, KafkaException) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+
+    recovery_dir = settings.instance_dir / "recovery"
+    if not recovery_dir.exists():
+        recovery_dir.mkdir(parents=True)
+        init_db_dir(recovery_dir, max(1, settings.calculator_workers))
+        log.info("created recovery partitions in %s", recovery_dir)
+    store = SellableStore(settings.instance_dir / "store")
+    progress = Progress(store.positions())
+    metrics = CalculatorMetrics()
+    me = InstanceInfo.of(settings)
+    routing = RoutingTable(me)
+    follower = RoutingFollower(routing, settings)
+    dataflow_done = threading.Event()
+    runtime = CalculatorRuntime(
+        settings,
+        store,
+        progress,
+        routing,
+        metrics,
+        dataflow_running=lambda: not dataflow_done.is_set(),
+        end_offsets_at_start=end_offsets,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s received: stopping the dataflow", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    server: uvicorn.Server | None = None
+    status = 0
+    try:
+        follower.start()
+        advertise(settings, me)
+        server, api_thread = _start_api(runtime)
+        log.info(
+            "%s listening on http://%s:%d (advertised as %s)",
+            settings.instance_id,
+            settings.calculator_host,
+            settings.calculator_port,
+            settings.advertised_url,
+        )
+        flow = build_dataflow(settings, store, progress, metrics, stop)
+        cli_main(
+            flow,
+            workers_per_process=settings.calculator_workers,
+            epoch_interval=timedelta(seconds=settings.calculator_epoch_seconds),
+            recovery_config=RecoveryConfig(str(recovery_dir)),
+        )
+        log.info("dataflow stopped")
+    except Exception as exc:
+        log.error("%s failed: %s", settings.instance_id, exc, exc_info=not isinstance(exc, OSError))
+        status = 1
+    finally:
+        dataflow_done.set()
+        if server is not None:
+            server.should_exit = True
+            api_thread.join(timeout=10)
+        follower.stop()
+        store.close()
+        log.info("%s stopped", settings.instance_id)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

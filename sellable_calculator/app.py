@@ -1,0 +1,404 @@
+"""The calculator's REST API: interactive queries over the local store, forwarded to the owner.
+
+Example::
+
+    app = create_app(runtime)      # runtime: store, progress, routing table, metrics
+    uvicorn.run(app, port=9094)
+
+A GET for (location, sku) computes the key's partition with the shared partitioner and
+looks the owner up in the routing table. Owned here: answer from the local store.
+Owned elsewhere: forward once, with a pooled HTTP client, to the owner's advertised URL
+and return its answer unchanged. ``X-Served-By`` names the instance that read its store;
+``X-Forwarded-By`` is set when another instance relayed the request. A request that
+already was forwarded is never forwarded again, so routing disagreements cannot loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import httpx
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from sellable_calculator.dataflow import INPUT_TOPICS
+from sellable_calculator.metrics import CalculatorMetrics
+from sellable_calculator.progress import Progress
+from sellable_calculator.routing import InstanceInfo, RoutingTable
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import SellableStore
+from shared_schemas.http import error_response, install_error_handlers, operations_router
+from shared_schemas.partitioner import partition_for
+from shared_schemas.positions import Position
+from shared_schemas.serde import encode_key
+
+FORWARDED_BY = "X-Forwarded-By"
+SERVED_BY = "X-Served-By"
+
+
+@dataclass
+class CalculatorRuntime:
+    """What the API shares with the dataflow of the same process."""
+
+    settings: CalculatorSettings
+    store: SellableStore
+    progress: Progress
+    routing: RoutingTable
+    metrics: CalculatorMetrics
+    dataflow_running: Callable[[], bool] = lambda: True
+    end_offsets_at_start: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Input end offsets seen at start; the instance is ready once it has applied them."""
+
+    def owns(self, key: bytes) -> bool:
+        """Whether this instance owns the partition of ``key``."""
+        return self.partition_of(key) in self.routing.me.partitions
+
+    def partition_of(self, key: bytes) -> int:
+        """The partition of ``key`` in every co-partitioned topic."""
+        return partition_for(key, self.settings.topic_partitions)
+
+
+class SellableInventory(BaseModel):
+    """The sellable count of one sku at one location (the original example's JSON)."""
+
+    locationId: str = Field(examples=["STL"])
+    sku: str = Field(examples=["123123"])
+    count: int = Field(description="Sellable: on hand minus reserved.", examples=[90])
+
+
+class LocationInventory(BaseModel):
+    """Every sku of one location."""
+
+    locationId: str = Field(examples=["STL"])
+    skus: list[SellableInventory]
+    instances: list[str] = Field(description="Instances whose stores were read.")
+
+
+class InstanceView(BaseModel):
+    """One calculator instance of the routing table."""
+
+    instanceId: str = Field(examples=["calculator-0"])
+    url: str = Field(examples=["http://127.0.0.1:9094"])
+    partitions: list[int] = Field(examples=[[0, 2, 4]])
+    self: bool = Field(description="Whether this is the instance that answered.")
+
+
+class Metadata(BaseModel):
+    """The routing table."""
+
+    partitionCount: int
+    instances: list[InstanceView]
+    unownedPartitions: list[int]
+
+
+class KeyMetadata(BaseModel):
+    """Where one key lives."""
+
+    locationId: str
+    sku: str
+    partition: int
+    owner: InstanceView | None
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # Plain json.dumps: the hot GET path skips FastAPI's response-model machinery.
+    return Response(json.dumps(body), status, headers, media_type="application/json")
+
+
+def _view(info: InstanceInfo, me: InstanceInfo) -> InstanceView:
+    return InstanceView(
+        instanceId=info.instance_id,
+        url=info.url,
+        partitions=list(info.partitions),
+        self=info.instance_id == me.instance_id,
+    )
+
+
+def create_app(runtime: CalculatorRuntime) -> FastAPI:
+    """The calculator's FastAPI application, serving ``runtime``'s store."""
+    settings = runtime.settings
+    me = runtime.routing.me
+    owned = frozenset(me.partitions)
+    get_seconds = runtime.metrics.get_seconds
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
+        async with httpx.AsyncClient(limits=limits) as client:
+            app.state.client = client
+            yield
+
+    app = FastAPI(
+        title="sellable_calculator",
+        description="Sellable inventory from a Bytewax dataflow's local store, "
+        "with requests for keys owned elsewhere forwarded to their owner.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    async def ready() -> dict[str, Any]:
+        behind = {
+            f"{topic}:{partition}": end - runtime.progress.reached(topic, partition)
+            for (topic, partition), end in runtime.end_offsets_at_start.items()
+            if runtime.progress.reached(topic, partition) < end
+        }
+        running = runtime.dataflow_running()
+        return {
+            "ready": running and not behind,
+            "instance": me.instance_id,
+            "dataflowRunning": running,
+            "behind": behind,
+        }
+
+    app.include_router(operations_router(ready, runtime.metrics.registry))
+
+    async def forward(request: Request, owner: InstanceInfo, timeout: float) -> Response:
+        client: httpx.AsyncClient = request.app.state.client
+        url = owner.url + request.url.path
+        try:
+            answer = await client.get(
+                url,
+                params=request.query_params,
+                headers={FORWARDED_BY: me.instance_id},
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            return error_response(
+                503,
+                "owner_unavailable",
+                f"{owner.instance_id} at {owner.url} owns this key but did not answer: "
+                f"{type(exc).__name__}",
+                headers={FORWARDED_BY: me.instance_id},
+            )
+        headers = {FORWARDED_BY: me.instance_id}
+        if SERVED_BY in answer.headers:
+            headers[SERVED_BY] = answer.headers[SERVED_BY]
+        return Response(
+            answer.content,
+            answer.status_code,
+            headers,
+            media_type=answer.headers.get("content-type"),
+        )
+
+    @app.get(
+        "/inventory/locations/{location}/skus/{sku}",
+        response_model=SellableInventory,
+        summary="Sellable inventory of one sku at one location",
+        responses={
+            404: {"description": "No adjustment for this key yet"},
+            422: {"description": "Bad position"},
+            503: {"description": "The owning instance is unknown or unreachable"},
+            504: {"description": "The owner did not reach the position in time"},
+        },
+    )
+    async def get_sellable(
+        location: str,
+        sku: str,
+        request: Request,
+        position: Annotated[
+            str | None,
+            Query(
+                description="Read-your-writes: a position the mutator returned "
+                "(`topic:partition:offset`); the answer includes that mutation.",
+                examples=["inventory_adjustments:2:41"],
+            ),
+        ] = None,
+        timeout: Annotated[
+            float | None,
+            Query(gt=0, description="Seconds to wait for `position` (default from settings)."),
+        ] = None,
+    ) -> Response:
+        started = time.perf_counter()
+        key = encode_key(location, sku)
+        partition = runtime.partition_of(key)
+        wait = min(
+            timeout or settings.calculator_wait_timeout_seconds,
+            settings.calculator_max_wait_seconds,
+        )
+        target: Position | None = None
+        if position is not None:
+            try:
+                target = Position.parse(position)
+            except ValueError as exc:
+                return _bad_position(str(exc))
+            if target.topic not in INPUT_TOPICS:
+                return _bad_position(f"topic must be one of {', '.join(INPUT_TOPICS)}")
+            if target.partition != partition:
+                return _bad_position(
+                    f"{location}/{sku} lives in partition {partition}, "
+                    f"the position is in partition {target.partition}"
+                )
+
+        if partition not in owned:
+            if FORWARDED_BY in request.headers:
+                return error_response(
+                    503,
+                    "not_owner",
+                    f"{me.instance_id} does not own partition {partition} "
+                    f"(forwarded by {request.headers[FORWARDED_BY]}); routing tables disagree",
+                )
+            owner = runtime.routing.owner(partition)
+            if owner is None:
+                return error_response(
+                    503,
+                    "owner_unknown",
+                    f"no calculator instance has advertised partition {partition}",
+                )
+            budget = settings.calculator_forward_timeout_seconds + (wait if target else 0)
+            response = await forward(request, owner, budget)
+            get_seconds.labels("forwarded").observe(time.perf_counter() - started)
+            return response
+
+        if target is not None:
+            reached = await runtime.progress.wait_for(
+                target.topic, target.partition, target.offset, wait
+            )
+            if not reached:
+                applied = runtime.progress.reached(target.topic, target.partition)
+                return _json(
+                    {
+                        "error": "not_caught_up",
+                        "message": f"{me.instance_id} has not applied {target} within {wait:g} s",
+                        "position": str(target),
+                        "reached": str(Position(target.topic, target.partition, applied - 1))
+                        if applied
+                        else None,
+                    },
+                    504,
+                    {SERVED_BY: me.instance_id},
+                )
+        value = runtime.store.get(key)
+        get_seconds.labels("local").observe(time.perf_counter() - started)
+        if value is None:
+            return error_response(
+                404,
+                "not_found",
+                f"no sellable inventory for location {location!r}, sku {sku!r}",
+                headers={SERVED_BY: me.instance_id},
+            )
+        return _json(
+            {"locationId": location, "sku": sku, "count": value.count},
+            headers={SERVED_BY: me.instance_id},
+        )
+
+    def _bad_position(problem: str) -> Response:
+        return error_response(
+            422,
+            "invalid_request",
+            f"position: {problem}",
+            [{"field": "position", "problem": problem}],
+        )
+
+    async def fan_out(request: Request, path: str) -> list[tuple[InstanceInfo, Any]]:
+        """GET ``path?scope=local`` from every other instance.
+
+        Raises :class:`InstanceUnavailable` for the first that fails: a partial answer
+        would look complete to the client.
+        """
+        client: httpx.AsyncClient = request.app.state.client
+        others = [i for i in runtime.routing.instances() if i.instance_id != me.instance_id]
+
+        async def one(info: InstanceInfo) -> tuple[InstanceInfo, Any]:
+            try:
+                answer = await client.get(
+                    info.url + path,
+                    params={"scope": "local"},
+                    headers={FORWARDED_BY: me.instance_id},
+                    timeout=settings.calculator_forward_timeout_seconds,
+                )
+                answer.raise_for_status()
+                return info, answer.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                raise InstanceUnavailable(info, exc) from exc
+
+        return list(await asyncio.gather(*(one(i) for i in others)))
+
+    @app.get(
+        "/inventory/locations/{location}/skus",
+        response_model=LocationInventory,
+        summary="Every sku of a location, from every instance",
+    )
+    async def list_location(
+        location: str,
+        request: Request,
+        scope: Annotated[
+            str, Query(pattern="^(all|local)$", description="`local`: this store only.")
+        ] = "all",
+    ) -> Response:
+        local = [
+            {"locationId": location, "sku": sku, "count": value.count}
+            for sku, value in await asyncio.to_thread(
+                lambda: list(runtime.store.location(location, runtime.owns))
+            )
+        ]
+        skus, consulted = local, [me.instance_id]
+        if scope == "all":
+            try:
+                for info, body in await fan_out(request, request.url.path):
+                    skus.extend(body["skus"])
+                    consulted.append(info.instance_id)
+            except InstanceUnavailable as exc:
+                return error_response(503, "instance_unavailable", str(exc))
+        skus.sort(key=lambda item: item["sku"])
+        return _json({"locationId": location, "skus": skus, "instances": consulted})
+
+    @app.get("/inventory/count", summary="How many keys the instances hold")
+    async def count(
+        request: Request,
+        scope: Annotated[
+            str, Query(pattern="^(all|local)$", description="`local`: this store only.")
+        ] = "all",
+    ) -> Response:
+        counts = {me.instance_id: await asyncio.to_thread(runtime.store.count, runtime.owns)}
+        if scope == "all":
+            try:
+                for info, body in await fan_out(request, request.url.path):
+                    counts[info.instance_id] = body["count"]
+            except InstanceUnavailable as exc:
+                return error_response(503, "instance_unavailable", str(exc))
+        return _json({"count": sum(counts.values()), "instances": counts})
+
+    @app.get("/metadata", response_model=Metadata, summary="The routing table")
+    async def metadata() -> Metadata:
+        instances = runtime.routing.instances()
+        owned_anywhere = {p for i in instances for p in i.partitions}
+        return Metadata(
+            partitionCount=settings.topic_partitions,
+            instances=[_view(i, me) for i in instances],
+            unownedPartitions=[
+                p for p in range(settings.topic_partitions) if runtime.routing.owner(p) is None
+            ]
+            if owned_anywhere
+            else list(range(settings.topic_partitions)),
+        )
+
+    @app.get(
+        "/metadata/locations/{location}/skus/{sku}",
+        response_model=KeyMetadata,
+        summary="Which partition and instance own one key",
+    )
+    async def key_metadata(location: str, sku: str) -> KeyMetadata:
+        partition = runtime.partition_of(encode_key(location, sku))
+        owner = runtime.routing.owner(partition)
+        return KeyMetadata(
+            locationId=location,
+            sku=sku,
+            partition=partition,
+            owner=None if owner is None else _view(owner, me),
+        )
+
+    return app
+
+
+class InstanceUnavailable(Exception):
+    """An instance did not answer a fan-out request."""
+
+    def __init__(self, info: InstanceInfo, exc: Exception) -> None:
+        super().__init__(f"{info.instance_id} at {info.url} did not answer: {type(exc).__name__}")

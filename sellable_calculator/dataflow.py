@@ -1,0 +1,436 @@
+"""The Bytewax dataflow: adjustments and reservations in, sellable inventory out.
+
+Example (what ``python -m sellable_calculator`` does, minus the REST API)::
+
+    from bytewax.run import cli_main
+    flow = build_dataflow(settings, store, progress, metrics, stop=threading.Event())
+    cli_main(flow, workers_per_process=1, epoch_interval=timedelta(seconds=2),
+             recovery_config=RecoveryConfig(recovery_dir))
+
+The shape is a Kafka Streams task per partition, made explicit::
+
+    inventory_adjustments  p ─┐                       ┌─▶ local store (RocksDB)
+                              ├─▶ "p" ─▶ running sums ─┤
+    inventory_reservations p ─┘   per key              └─▶ sellable_inventory p
+
+* **Input**: :class:`MutationSource` reads exactly the partitions this instance owns of
+  both input topics. Records are decoded in the source, in batches; an undecodable one
+  is counted, logged with its topic/partition/offset and skipped (no dead-letter topic:
+  the input topics keep everything forever, so the record can always be found again).
+* **State**: :class:`PartitionSums` is keyed by *partition number*, so partition p of
+  both topics meets in one place, in order, with no shuffle between instances. It keeps
+  on hand = Σ adjustments and reserved = Σ reservations per key; a key exists once it has
+  an adjustment (the original's left join), and reservations that came first still count.
+* **Output**: :class:`SellableSink` publishes every changed value to ``sellable_inventory``
+  (same key bytes, same partition), waits for the broker's acknowledgement, and only then
+  writes the values together with the new input positions to the store.
+
+Recovery: Bytewax snapshots the sums together with the source offsets at every epoch, so
+a crash resumes from a consistent point and replays what came after it: nothing is lost
+or counted twice. The sink skips replayed values the store already holds (their inputs
+are all below the store's positions), so the store and the topic do not step back while
+a restarted instance catches up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from sellable_calculator.metrics import CalculatorMetrics
+from sellable_calculator.progress import Progress
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import Sellable, SellableStore
+from shared_schemas.partitioner import partition_for
+from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
+from shared_schemas.serde import SerdeError, ValueSerde, decode_key, value_serde
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_INVENTORY
+
+log = logging.getLogger(__name__)
+
+ADJUSTMENT, RESERVATION = 0, 1
+INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
+"""Input topic names, indexed by ADJUSTMENT / RESERVATION."""
+
+Mutation = tuple[bytes, int, int, int]
+"""(key bytes, count, event time ms, offset): one decoded adjustment or reservation."""
+
+
+@dataclass(frozen=True, slots=True)
+class MutationBatch:
+    """Decoded records of one input partition, in offset order."""
+
+    kind: int
+    """ADJUSTMENT or RESERVATION."""
+    partition: int
+    mutations: list[Mutation]
+    next_offset: int
+    """Offset after the last record read, skipped ones included."""
+
+
+@dataclass(frozen=True, slots=True)
+class SellableChange:
+    """A key's new sellable value and the newest input offsets it includes (-1: none)."""
+
+    value: Sellable
+    adjustment_offset: int
+    reservation_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionUpdate:
+    """What one run of :class:`PartitionSums` changed in one partition."""
+
+    partition: int
+    changes: dict[bytes, SellableChange]
+    next_offsets: dict[int, int]
+    """Next offset to apply per input kind seen in this run."""
+
+
+class MisplacedKeyError(SerdeError):
+    """A record sits in another partition than the shared partitioner assigns its key."""
+
+
+class _KeyCheck:
+    """Validates keys and their partition, remembering keys already seen.
+
+    Keys repeat a lot (a few thousand skus receive millions of mutations), so caching the
+    check keeps the Avro decode and the pure-Python murmur2 off the hot path.
+    """
+
+    def __init__(self, partitions: int) -> None:
+        @lru_cache(maxsize=65_536)
+        def partition_of(key: bytes) -> int:
+            decode_key(key)  # raises SerdeError for bytes that are not an inventory key
+            return partition_for(key, partitions)
+
+        self.partition_of = partition_of
+
+
+class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]):
+    """One partition of one input topic; resume state is the next offset to read."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        kind: int,
+        partition: int,
+        next_offset: int,
+        serde: ValueSerde,
+        key_check: _KeyCheck,
+        batch_size: int,
+        stop: threading.Event,
+        metrics: CalculatorMetrics,
+    ) -> None:
+        self._consumer = consumer
+        self._kind = kind
+        self._topic = INPUT_TOPICS[kind]
+        self._partition = partition
+        self._item_key = str(partition)
+        self._next_offset = next_offset
+        self._serde = serde
+        self._key_check = key_check
+        self._batch_size = batch_size
+        self._stop = stop
+        self._records = metrics.records.labels(self._topic)
+        self._undecodable = metrics.undecodable.labels(self._topic)
+        self._lag = metrics.lag.labels(self._topic, str(partition))
+        self._tp = TopicPartition(self._topic, partition)
+
+    def next_batch(self) -> list[tuple[str, MutationBatch]]:
+        if self._stop.is_set():
+            raise StopIteration  # a clean shutdown: Bytewax finishes the epoch and exits
+        messages = self._consumer.consume(self._batch_size, 0)
+        if not messages:
+            self._update_lag()
+            return []
+        mutations: list[Mutation] = []
+        deserialize = self._serde.deserialize
+        partition_of = self._key_check.partition_of
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error on %s: %s", self._tp, error)
+                continue
+            offset = message.offset()
+            self._next_offset = offset + 1
+            key = message.key()
+            try:
+                if key is None or message.value() is None:
+                    raise SerdeError("record without key or value")
+                if partition_of(key) != self._partition:
+                    raise MisplacedKeyError(
+                        f"key belongs in partition {partition_of(key)}, not {self._partition}"
+                    )
+                value: dict[str, Any] = deserialize(message.value())
+            except SerdeError as exc:
+                self._undecodable.inc()
+                log.warning(
+                    "skipping undecodable record %s:%d:%d: %s",
+                    self._topic,
+                    self._partition,
+                    offset,
+                    exc,
+                )
+                continue
+            mutations.append((key, value["count"], value["event_time"], offset))
+        self._records.inc(len(messages))
+        batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset)
+        return [(self._item_key, batch)]
+
+    def _update_lag(self) -> None:
+        # Cached watermarks come from librdkafka's statistics: no broker round trip here.
+        try:
+            _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+        except Exception:  # statistics not in yet
+            return
+        if high >= 0:
+            self._lag.set(max(0, high - self._next_offset))
+
+    def snapshot(self) -> int:
+        return self._next_offset
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
+    """The owned partitions of both input topics, as batches keyed by partition number."""
+
+    def __init__(
+        self,
+        settings: CalculatorSettings,
+        stop: threading.Event,
+        metrics: CalculatorMetrics,
+    ) -> None:
+        self._settings = settings
+        self._stop = stop
+        self._metrics = metrics
+        self._key_check = _KeyCheck(settings.topic_partitions)
+
+    def list_parts(self) -> list[str]:
+        return [
+            f"{kind}:{partition}"
+            for kind in (ADJUSTMENT, RESERVATION)
+            for partition in self._settings.owned_partitions
+        ]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: int | None
+    ) -> _MutationPartition:
+        kind_text, _, partition_text = for_part.partition(":")
+        kind, partition = int(kind_text), int(partition_text)
+        next_offset = OFFSET_BEGINNING if resume_state is None else resume_state
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+                # Offsets live in Bytewax's recovery snapshots, not in a consumer group.
+                "group.id": f"{self._settings.instance_id}-unused",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "statistics.interval.ms": 1000,
+                "stats_cb": lambda _: None,
+                "fetch.wait.max.ms": 10,
+                "queued.max.messages.kbytes": 65536,
+            }
+        )
+        consumer.assign([TopicPartition(INPUT_TOPICS[kind], partition, next_offset)])
+        serde = value_serde(
+            INVENTORY_MUTATION, INPUT_TOPICS[kind], self._settings.schema_registry_url
+        )
+        return _MutationPartition(
+            consumer,
+            kind,
+            partition,
+            max(next_offset, 0),
+            serde,
+            self._key_check,
+            self._settings.calculator_batch_size,
+            self._stop,
+            self._metrics,
+        )
+
+
+KeySums = tuple[int, int, bool, int]
+"""(on hand, reserved, has an adjustment, latest event time ms) of one key."""
+
+_NO_SUMS: KeySums = (0, 0, False, 0)
+
+
+class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, dict[bytes, KeySums]]):
+    """Running sums of every key of one partition.
+
+    Values in the state dict are immutable tuples, so a shallow copy is a consistent
+    snapshot even while later batches replace entries.
+    """
+
+    def __init__(self, resume: dict[bytes, KeySums] | None) -> None:
+        self._sums: dict[bytes, KeySums] = dict(resume or {})
+
+    def on_batch(self, values: list[MutationBatch]) -> tuple[Iterable[PartitionUpdate], bool]:
+        sums = self._sums
+        changes: dict[bytes, SellableChange] = {}
+        next_offsets: dict[int, int] = {}
+        for batch in values:
+            adjusting = batch.kind == ADJUSTMENT
+            for key, count, event_time, offset in batch.mutations:
+                on_hand, reserved, exists, updated_at = sums.get(key, _NO_SUMS)
+                if adjusting:
+                    on_hand += count
+                    exists = True
+                else:
+                    reserved += count
+                updated_at = max(updated_at, event_time)
+                sums[key] = (on_hand, reserved, exists, updated_at)
+                if exists:
+                    previous = changes.get(key)
+                    adj, res = (
+                        (-1, -1)
+                        if previous is None
+                        else (
+                            previous.adjustment_offset,
+                            previous.reservation_offset,
+                        )
+                    )
+                    changes[key] = SellableChange(
+                        Sellable(on_hand - reserved, on_hand, reserved, updated_at),
+                        offset if adjusting else adj,
+                        res if adjusting else offset,
+                    )
+            next_offsets[batch.kind] = batch.next_offset
+        partition = values[0].partition
+        return [PartitionUpdate(partition, changes, next_offsets)], StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> dict[bytes, KeySums]:
+        return dict(self._sums)
+
+
+class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]):
+    def __init__(
+        self,
+        settings: CalculatorSettings,
+        store: SellableStore,
+        progress: Progress,
+        metrics: CalculatorMetrics,
+    ) -> None:
+        self._store = store
+        self._progress = progress
+        self._published = metrics.published
+        self._serde = value_serde(
+            SELLABLE_SCHEMA, SELLABLE_INVENTORY.name, settings.schema_registry_url
+        )
+        self._producer = Producer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+            }
+        )
+        self._failures: list[str] = []
+
+    def _on_delivery(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self._failures.append(str(err))
+
+    def write_batch(self, items: list[tuple[str, PartitionUpdate]]) -> None:
+        stored = self._store.positions()
+        writes: list[tuple[PartitionUpdate, dict[bytes, Sellable]]] = []
+        for _, update in items:
+            # A value whose inputs all lie below the store's positions is a replay after
+            # a recovery: the store (and the topic) already have it or something newer.
+            adj_done = stored.get((INPUT_TOPICS[ADJUSTMENT], update.partition), 0)
+            res_done = stored.get((INPUT_TOPICS[RESERVATION], update.partition), 0)
+            fresh = {
+                key: change.value
+                for key, change in update.changes.items()
+                if change.adjustment_offset >= adj_done or change.reservation_offset >= res_done
+            }
+            for key, value in fresh.items():
+                record = {
+                    "count": value.count,
+                    "on_hand": value.on_hand,
+                    "reserved": value.reserved,
+                    "updated_at": value.updated_at,
+                }
+                self._produce(key, self._serde.serialize(record), update.partition)
+            writes.append((update, fresh))
+        # Publish first, store second: the store never claims a position whose values
+        # the topic has not acknowledged, so skipping replays above is always safe.
+        remaining = self._producer.flush(60)
+        if remaining or self._failures:
+            raise RuntimeError(
+                f"could not publish sellable inventory ({remaining} unacknowledged): "
+                f"{self._failures[:3]}"
+            )
+        for update, fresh in writes:
+            positions = {
+                (INPUT_TOPICS[kind], update.partition): offset
+                for kind, offset in update.next_offsets.items()
+            }
+            self._store.apply(fresh, positions)
+            self._published.inc(len(fresh))
+            for (topic, partition), offset in positions.items():
+                self._progress.advance(topic, partition, offset)
+
+    def _produce(self, key: bytes, value: bytes, partition: int) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    SELLABLE_INVENTORY.name,
+                    value,
+                    key,
+                    partition=partition,
+                    on_delivery=self._on_delivery,
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # local queue full: let deliveries drain
+
+    def close(self) -> None:
+        self._producer.flush(30)
+
+
+class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
+    """Publishes changed values to ``sellable_inventory``, then writes them to the store."""
+
+    def __init__(
+        self,
+        settings: CalculatorSettings,
+        store: SellableStore,
+        progress: Progress,
+        metrics: CalculatorMetrics,
+    ) -> None:
+        self._args = (settings, store, progress, metrics)
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _SellableSinkPartition:
+        return _SellableSinkPartition(*self._args)
+
+
+def build_dataflow(
+    settings: CalculatorSettings,
+    store: SellableStore,
+    progress: Progress,
+    metrics: CalculatorMetrics,
+    stop: threading.Event,
+) -> Dataflow:
+    """The calculator's dataflow for the partitions ``settings`` says this instance owns."""
+    flow = Dataflow("sellable_calculator")
+    batches = op.input("mutations", flow, MutationSource(settings, stop, metrics))
+    updates = op.stateful_batch("sums", batches, PartitionSums)
+    op.output("sellable", updates, SellableSink(settings, store, progress, metrics))
+    return flow

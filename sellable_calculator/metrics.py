@@ -1,0 +1,42 @@
+"""Prometheus metrics of one calculator instance, in a registry of its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass
+class CalculatorMetrics:
+    """Everything the calculator counts; one instance per process (or per test)."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.records = Counter(
+            "calculator_records", "Input records consumed", ["topic"], registry=r
+        )
+        self.undecodable = Counter(
+            "calculator_undecodable_records",
+            "Input records skipped because their key or value could not be decoded",
+            ["topic"],
+            registry=r,
+        )
+        self.published = Counter(
+            "calculator_sellable_published", "Sellable values produced", registry=r
+        )
+        self.lag = Gauge(
+            "calculator_lag_records",
+            "Records between the broker's end offset and the next offset to process",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.get_seconds = Histogram(
+            "calculator_get_seconds",
+            "Latency of GET /inventory/locations/{location}/skus/{sku}",
+            ["served"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )

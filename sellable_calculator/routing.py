@@ -1,0 +1,201 @@
+"""Who owns which partition: the calculator's routing table (Kafka Streams' ``metadataForKey``).
+
+Every instance advertises ``{id, url, partitions}`` on the compacted
+``sellable_calculator_instances`` topic (key: instance id, value: JSON), and every
+instance reads that topic from the beginning, continuously, into a :class:`RoutingTable`.
+To find a key's owner: ``partition_for(encode_key(location, sku), partitions)``, then
+``table.owner(partition)``.
+
+Example::
+
+    table = RoutingTable(me)
+    follower = RoutingFollower(table, settings)   # background thread
+    follower.start(); advertise(settings, me)
+    owner = table.owner(3)                         # InstanceInfo or None
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+
+from sellable_calculator.settings import CalculatorSettings
+from shared_schemas.topics import CALCULATOR_INSTANCES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One calculator instance as the others see it."""
+
+    instance_id: str
+    url: str
+    partitions: tuple[int, ...]
+    partition_count: int
+    """TOPIC_PARTITIONS the instance runs with; instances that disagree are ignored."""
+    started_at: float
+
+    def to_json(self) -> bytes:
+        """The value advertised on the instances topic."""
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> InstanceInfo:
+        """Parse an advertised value; raises ``ValueError``/``KeyError``/``TypeError`` if bad."""
+        raw = json.loads(data)
+        return cls(
+            instance_id=str(raw["instance_id"]),
+            url=str(raw["url"]).rstrip("/"),
+            partitions=tuple(int(p) for p in raw["partitions"]),
+            partition_count=int(raw["partition_count"]),
+            started_at=float(raw["started_at"]),
+        )
+
+    @classmethod
+    def of(cls, settings: CalculatorSettings) -> InstanceInfo:
+        """This process's own entry."""
+        return cls(
+            settings.instance_id,
+            settings.advertised_url,
+            settings.owned_partitions,
+            settings.topic_partitions,
+            time.time(),
+        )
+
+
+class RoutingTable:
+    """Partition -> owning instance, kept current from the instances topic. Thread-safe."""
+
+    def __init__(self, me: InstanceInfo) -> None:
+        self.me = me
+        self._lock = threading.Lock()
+        self._instances: dict[str, InstanceInfo] = {me.instance_id: me}
+        self._owners: dict[int, InstanceInfo] = {}
+        self._rebuild()
+
+    def update(self, info: InstanceInfo) -> None:
+        """Take an advertisement into account (the latest per instance id wins)."""
+        if info.instance_id == self.me.instance_id:
+            return  # we know ourselves better than any old record of us
+        if info.partition_count != self.me.partition_count:
+            log.error(
+                "ignoring instance %s: it runs with %d partitions, this one with %d",
+                info.instance_id,
+                info.partition_count,
+                self.me.partition_count,
+            )
+            return
+        with self._lock:
+            self._instances[info.instance_id] = info
+            self._rebuild()
+
+    def remove(self, instance_id: str) -> None:
+        """Forget an instance (its record was deleted)."""
+        with self._lock:
+            if instance_id != self.me.instance_id:
+                self._instances.pop(instance_id, None)
+                self._rebuild()
+
+    def _rebuild(self) -> None:
+        # When two instances claim a partition, the most recently started one wins; this
+        # instance always wins its own partitions, because it is the one processing them.
+        owners: dict[int, InstanceInfo] = {}
+        others = sorted(
+            (i for i in self._instances.values() if i is not self.me), key=lambda i: i.started_at
+        )
+        for info in [*others, self.me]:
+            for partition in info.partitions:
+                previous = owners.get(partition)
+                if previous is not None and previous.instance_id != info.instance_id:
+                    log.warning(
+                        "partition %d claimed by %s and %s; routing to %s",
+                        partition,
+                        previous.instance_id,
+                        info.instance_id,
+                        info.instance_id,
+                    )
+                owners[partition] = info
+        self._owners = owners
+
+    def owner(self, partition: int) -> InstanceInfo | None:
+        """The instance that serves ``partition``, if any is known."""
+        with self._lock:
+            return self._owners.get(partition)
+
+    def instances(self) -> list[InstanceInfo]:
+        """Every known instance, this one included, by id."""
+        with self._lock:
+            return sorted(self._instances.values(), key=lambda i: i.instance_id)
+
+
+def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 10.0) -> None:
+    """Publish ``info`` on the instances topic and wait for the acknowledgement."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    failures: list[str] = []
+    producer.produce(
+        CALCULATOR_INSTANCES.name,
+        info.to_json(),
+        info.instance_id.encode(),
+        on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
+    )
+    if producer.flush(timeout) or failures:
+        raise RuntimeError(f"could not advertise {info.instance_id}: {failures or 'timed out'}")
+    log.info(
+        "advertised %s at %s owning partitions %s", info.instance_id, info.url, info.partitions
+    )
+
+
+class RoutingFollower:
+    """Reads the instances topic into a :class:`RoutingTable`, on a background thread."""
+
+    def __init__(self, table: RoutingTable, settings: CalculatorSettings) -> None:
+        self._table = table
+        self._settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="routing-follower", daemon=True)
+
+    def start(self) -> None:
+        """Start following."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following and close the consumer."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+                "group.id": f"{self._settings.instance_id}-routing-unused",
+                "enable.auto.commit": False,
+            }
+        )
+        # No consumer group: every instance must see every record.
+        consumer.assign([TopicPartition(CALCULATOR_INSTANCES.name, 0, OFFSET_BEGINNING)])
+        try:
+            while not self._stop.is_set():
+                message = consumer.poll(0.2)
+                if message is None:
+                    continue
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.warning("routing follower: %s", error)
+                    continue
+                key = (message.key() or b"").decode(errors="replace")
+                if message.value() is None:
+                    self._table.remove(key)
+                    continue
+                try:
+                    self._table.update(InstanceInfo.from_json(message.value()))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring bad routing record for %r: %s", key, exc)
+        finally:
+            consumer.close()

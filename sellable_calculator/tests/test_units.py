@@ -1,0 +1,129 @@
+"""Unit tests of the calculator's pieces: sums, store, progress, routing, settings."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from sellable_calculator.dataflow import (
+    ADJUSTMENT,
+    RESERVATION,
+    MutationBatch,
+    PartitionSums,
+)
+from sellable_calculator.progress import Progress
+from sellable_calculator.routing import InstanceInfo, RoutingTable
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import Sellable, SellableStore
+from shared_schemas.serde import encode_key
+
+STL = encode_key("STL", "123123")
+KC = encode_key("KC", "1")
+
+
+def _run(logic: PartitionSums, *batches: MutationBatch):  # type: ignore[no-untyped-def]
+    (update,), retain = logic.on_batch(list(batches))
+    assert retain is False  # RETAIN: the per-partition state lives on
+    return update
+
+
+def test_sums_are_on_hand_minus_reserved_per_key() -> None:
+    logic = PartitionSums(None)
+    update = _run(
+        logic,
+        MutationBatch(ADJUSTMENT, 2, [(STL, 100, 1_000, 0), (KC, 7, 1_001, 1)], 2),
+        MutationBatch(RESERVATION, 2, [(STL, 10, 2_000, 0)], 1),
+    )
+    assert update.partition == 2
+    assert update.changes[STL].value == Sellable(90, 100, 10, 2_000)
+    assert update.changes[KC].value == Sellable(7, 7, 0, 1_001)
+    assert (update.changes[STL].adjustment_offset, update.changes[STL].reservation_offset) == (0, 0)
+    assert update.next_offsets == {ADJUSTMENT: 2, RESERVATION: 1}
+
+
+def test_key_exists_once_adjusted_and_earlier_reservations_count() -> None:
+    logic = PartitionSums(None)
+    update = _run(logic, MutationBatch(RESERVATION, 0, [(STL, 10, 5, 3)], 4))
+    assert update.changes == {}  # the left join: no adjustment, no key
+    assert update.next_offsets == {RESERVATION: 4}  # progress still moves
+    update = _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 100, 6, 0)], 1))
+    assert update.changes[STL].value == Sellable(90, 100, 10, 6)
+    assert update.changes[STL].reservation_offset == -1  # no reservation in this run
+
+
+def test_negative_adjustments_and_resume_from_snapshot() -> None:
+    logic = PartitionSums(None)
+    _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 100, 1, 0), (STL, -30, 2, 1)], 2))
+    snapshot = logic.snapshot()
+    _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 1_000, 3, 2)], 3))
+    assert snapshot[STL] == (70, 0, True, 2)  # the snapshot did not see the later batch
+    resumed = PartitionSums(snapshot)
+    update = _run(resumed, MutationBatch(RESERVATION, 0, [(STL, 5, 4, 0)], 1))
+    assert update.changes[STL].value == Sellable(65, 70, 5, 4)
+
+
+def test_store_values_positions_and_location_scan(tmp_path: Path) -> None:
+    store = SellableStore(tmp_path / "store")
+    other = encode_key("STLX", "1")
+    store.apply(
+        {STL: Sellable(90, 100, 10, 5), KC: Sellable(1, 1, 0, 6), other: Sellable(2, 2, 0, 7)},
+        {("inventory_adjustments", 0): 12, ("inventory_reservations", 0): 3},
+    )
+    assert store.get(STL) == Sellable(90, 100, 10, 5)
+    assert store.get(encode_key("STL", "nope")) is None
+    assert list(store.location("STL")) == [("123123", Sellable(90, 100, 10, 5))]
+    assert store.count() == 3
+    assert store.count(lambda key: key != KC) == 2
+    assert store.positions() == {("inventory_adjustments", 0): 12, ("inventory_reservations", 0): 3}
+    store.close()
+    reopened = SellableStore(tmp_path / "store")
+    assert reopened.get(KC) == Sellable(1, 1, 0, 6)
+    reopened.close()
+
+
+def test_progress_wakes_waiters_and_times_out() -> None:
+    async def scenario() -> tuple[bool, bool, bool]:
+        progress = Progress({("t", 0): 5})
+        already = await progress.wait_for("t", 0, 4, timeout=0.01)
+        waiter = asyncio.create_task(progress.wait_for("t", 0, 9, timeout=5))
+        await asyncio.sleep(0)
+        progress.advance("t", 0, 8)  # offset 8 applied is not enough for 9
+        progress.advance("t", 0, 3)  # never backwards
+        assert progress.reached("t", 0) == 8
+        progress.advance("t", 0, 10)
+        woken = await waiter
+        timed_out = await progress.wait_for("t", 1, 0, timeout=0.05)
+        return already, woken, timed_out
+
+    assert asyncio.run(scenario()) == (True, True, False)
+
+
+def _info(name: str, partitions: tuple[int, ...], started: float, count: int = 6) -> InstanceInfo:
+    return InstanceInfo(name, f"http://{name}", partitions, count, started)
+
+
+def test_routing_table_latest_start_wins_and_self_always_wins() -> None:
+    table = RoutingTable(_info("me", (0, 2), 10.0))
+    table.update(_info("old", (1, 3), 1.0))
+    table.update(_info("new", (3, 5), 2.0))
+    table.update(_info("usurper", (0,), 99.0))
+    table.update(_info("wrong-count", (4,), 50.0, count=12))
+    owners = {p: (table.owner(p).instance_id if table.owner(p) else None) for p in range(6)}
+    assert owners == {0: "me", 1: "old", 2: "me", 3: "new", 4: None, 5: "new"}
+    table.remove("new")
+    assert table.owner(5) is None
+    assert InstanceInfo.from_json(table.me.to_json()) == table.me
+
+
+def test_settings_ownership() -> None:
+    base = {"topic_partitions": 6, "calculator_instance_count": 2}
+    assert CalculatorSettings(**base, calculator_instance_index=1).owned_partitions == (1, 3, 5)
+    assert CalculatorSettings(**base, calculator_partitions="5,1").owned_partitions == (1, 5)
+    assert CalculatorSettings(**base).instance_id == "calculator-0"
+    with pytest.raises(ValidationError, match="must be below"):
+        CalculatorSettings(**base, calculator_instance_index=2)
+    with pytest.raises(ValidationError, match="not below TOPIC_PARTITIONS"):
+        CalculatorSettings(**base, calculator_partitions="6")
