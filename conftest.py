@@ -1,0 +1,3 @@
+"""Makes the embedded-infrastructure fixtures available to every test."""
+
+pytest_plugins = ["local_stack.pytest_plugin"]

@@ -1,0 +1,336 @@
+"""Command line of the local stack.
+
+    python -m local_stack fetch                  # download / check the embedded servers
+    python -m local_stack broker [--port 9092]   # just the broker
+    python -m local_stack cassandra [--port 9042]
+    python -m local_stack infra                  # broker + Cassandra + topics
+    python -m local_stack up [--calculators 2] [--partitions 6]   # the whole system
+
+Everything runs in the foreground; SIGINT (Ctrl-C) or SIGTERM stops what was started,
+in reverse order, and leaves no process behind. A missing prerequisite or a taken port
+is one ``error: …`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from local_stack.broker import EmbeddedBroker, external_kafka, tansu_binary
+from local_stack.cassandra import (
+    PROTOCOL_VERSION,
+    EmbeddedCassandra,
+    ensure_cassandra_distribution,
+    external_cassandra,
+    java_binary,
+)
+from local_stack.paths import logs_dir, state_dir
+from local_stack.process import (
+    ManagedProcess,
+    PrerequisiteError,
+    ProcessFailed,
+    require_free_port,
+)
+
+log = logging.getLogger("local_stack")
+
+MUTATOR_PORT = 9091
+SERVICE_PORT = 9093
+FIRST_CALCULATOR_PORT = 9094
+
+
+@dataclass
+class Stack:
+    """What one command started, to stop in reverse order."""
+
+    stoppers: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Settings every service gets: where Kafka and Cassandra are."""
+
+    def stop(self) -> None:
+        for name, stop in reversed(self.stoppers):
+            log.info("stopping %s", name)
+            try:
+                stop()
+            except Exception as exc:  # keep stopping the rest
+                log.error("stopping %s failed: %s", name, exc)
+        self.stoppers.clear()
+
+
+def _start_broker(stack: Stack, port: int) -> None:
+    external = external_kafka()
+    if external:
+        log.info("using the external Kafka at %s (KAFKA_BOOTSTRAP_SERVERS)", external)
+        stack.env["KAFKA_BOOTSTRAP_SERVERS"] = external
+        return
+    broker = EmbeddedBroker(port=port)
+    broker.start()
+    stack.stoppers.append(("broker", broker.stop))
+    stack.env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
+    log.info("broker ready on %s (log %s)", broker.bootstrap_servers, broker.process.log_path)
+
+
+def _start_cassandra(stack: Stack, port: int, fresh: bool) -> None:
+    external = external_cassandra()
+    if external:
+        points, cql_port = external
+        log.info("using the external Cassandra at %s:%d", ",".join(points), cql_port)
+        stack.env.update(CASSANDRA_CONTACT_POINTS=",".join(points), CASSANDRA_PORT=str(cql_port))
+        return
+    cassandra = EmbeddedCassandra(port=port, fresh=fresh)
+    log.info("starting Cassandra on 127.0.0.1:%d (takes a few seconds)…", port)
+    cassandra.start()
+    stack.stoppers.append(("cassandra", cassandra.stop))
+    stack.env.update(
+        CASSANDRA_CONTACT_POINTS="127.0.0.1",
+        CASSANDRA_PORT=str(port),
+        CASSANDRA_PROTOCOL_VERSION=str(PROTOCOL_VERSION),
+    )
+    assert cassandra.process is not None
+    log.info("Cassandra ready on 127.0.0.1:%d (log %s)", port, cassandra.process.log_path)
+
+
+def _ensure_topics(stack: Stack, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from shared_schemas.topics import ensure_topics
+
+    admin = AdminClient({"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP_SERVERS"]})
+    created = ensure_topics(admin, partitions)
+    log.info(
+        "topics ready (%d partitions)%s",
+        partitions,
+        f"; created {', '.join(created)}" if created else "",
+    )
+
+
+class _Follower(threading.Thread):
+    """Prints a child's log file to the console, each line prefixed with its name."""
+
+    def __init__(self, name: str, path: Path, width: int) -> None:
+        super().__init__(name=f"follow-{name}", daemon=True)
+        self.prefix = f"{name:<{width}} | "
+        self.path = path
+        self.stopped = threading.Event()
+        self.start_at = path.stat().st_size if path.exists() else 0
+
+    def run(self) -> None:
+        while not self.path.exists() and not self.stopped.wait(0.1):
+            pass
+        with self.path.open("r", errors="replace") as stream:
+            stream.seek(self.start_at)
+            while not self.stopped.is_set():
+                line = stream.readline()
+                if line:
+                    sys.stdout.write(self.prefix + line)
+                    sys.stdout.flush()
+                else:
+                    self.stopped.wait(0.1)
+
+
+def _start_service(
+    stack: Stack, name: str, module: str, env: dict[str, str], port: int, width: int
+) -> None:
+    require_free_port(port, name)
+    process = ManagedProcess(
+        name, [sys.executable, "-m", module], env={**os.environ, **stack.env, **env}
+    )
+    follower = _Follower(name, process.log_path, width)
+    process.start()
+    follower.start()
+
+    def stop() -> None:
+        process.stop()
+        follower.stopped.set()
+
+    stack.stoppers.append((name, stop))
+    url = f"http://127.0.0.1:{port}/health/live"
+    process.wait_ready(lambda: httpx.get(url, timeout=1).status_code == 200, timeout=90)
+
+
+def _tour(calculators: int) -> str:
+    calculator_docs = ", ".join(
+        f"http://localhost:{FIRST_CALCULATOR_PORT + i}/docs" for i in range(calculators)
+    )
+    gets = " ".join(
+        str(p)
+        for p in [SERVICE_PORT, *range(FIRST_CALCULATOR_PORT, FIRST_CALCULATOR_PORT + calculators)]
+    )
+    return f"""
+The system is up:
+  mutator               http://localhost:{MUTATOR_PORT}/docs
+  sellable_service      http://localhost:{SERVICE_PORT}/docs   (Cassandra read model)
+  sellable_calculator   {calculator_docs}
+
+Try it:
+  curl -H "Content-Type: application/json" -X POST \\
+    -d '{{"locationId":"STL","sku":"123123", "count": "100"}}' http://localhost:{MUTATOR_PORT}/inventory/adjustment
+  curl -H "Content-Type: application/json" -X POST \\
+    -d '{{"locationId":"STL","sku":"123123", "count": "10"}}' http://localhost:{MUTATOR_PORT}/inventory/reservation
+  for port in {gets}; do
+    curl -s http://localhost:$port/inventory/locations/STL/skus/123123; echo
+  done
+
+Logs: {logs_dir()}   Ctrl-C stops everything.
+"""
+
+
+def _wait_for_signal() -> None:
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not received:
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+        received.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    # Not threading.Event.wait: setting an Event from a signal handler can deadlock
+    # against the main thread's own wait when two signals arrive close together.
+    while not received:
+        signal.pause()
+
+
+def _fresh_state() -> None:
+    # The embedded broker keeps topics in memory only: state derived from an earlier
+    # run's topics (calculator stores and recovery snapshots, the Cassandra read model)
+    # would refer to offsets that no longer exist, so an embedded run starts empty.
+    for path in (state_dir() / "calculator", state_dir() / "run"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def cmd_fetch(args: argparse.Namespace, stack: Stack) -> None:
+    """Download and check everything the embedded stack needs."""
+    log.info("broker: %s", tansu_binary())
+    log.info("java: %s", java_binary())
+    log.info("cassandra: %s", ensure_cassandra_distribution())
+
+
+def cmd_broker(args: argparse.Namespace, stack: Stack) -> None:
+    """Only the broker."""
+    _start_broker(stack, args.port or 9092)
+    _wait_for_signal()
+
+
+def cmd_cassandra(args: argparse.Namespace, stack: Stack) -> None:
+    """Only Cassandra."""
+    _start_cassandra(stack, args.port or 9042, fresh=False)
+    _wait_for_signal()
+
+
+def cmd_infra(args: argparse.Namespace, stack: Stack) -> None:
+    """Broker, Cassandra and the topics."""
+    _start_broker(stack, 9092)
+    _start_cassandra(stack, 9042, fresh=not external_kafka())
+    _ensure_topics(stack, args.partitions)
+    _wait_for_signal()
+
+
+def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
+    """The whole system on the embedded defaults."""
+    if args.calculators < 1 or args.partitions < args.calculators:
+        raise PrerequisiteError("need at least one calculator and one partition per calculator")
+    ports = [MUTATOR_PORT, SERVICE_PORT] + [
+        FIRST_CALCULATOR_PORT + i for i in range(args.calculators)
+    ]
+    for port in ports:
+        require_free_port(port, "the system")
+    if not external_kafka():
+        _fresh_state()
+    _start_broker(stack, 9092)
+    _start_cassandra(stack, 9042, fresh=not external_kafka())
+    _ensure_topics(stack, args.partitions)
+    stack.env["TOPIC_PARTITIONS"] = str(args.partitions)
+    width = len("sellable_calculator-0")
+    for index in range(args.calculators):
+        _start_service(
+            stack,
+            f"calculator-{index}",
+            "sellable_calculator",
+            {
+                "CALCULATOR_INSTANCE_INDEX": str(index),
+                "CALCULATOR_INSTANCE_COUNT": str(args.calculators),
+                "CALCULATOR_PORT": str(FIRST_CALCULATOR_PORT + index),
+            },
+            FIRST_CALCULATOR_PORT + index,
+            width,
+        )
+    _start_service(
+        stack,
+        "sellable_service",
+        "sellable_service",
+        {"SERVICE_PORT": str(SERVICE_PORT)},
+        SERVICE_PORT,
+        width,
+    )
+    _start_service(
+        stack,
+        "inventory_mutator",
+        "inventory_mutator",
+        {"MUTATOR_PORT": str(MUTATOR_PORT)},
+        MUTATOR_PORT,
+        width,
+    )
+    print(_tour(args.calculators), flush=True)
+    _wait_for_signal()
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command, run it, stop what it started; return the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m local_stack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, function in [
+        ("fetch", cmd_fetch),
+        ("broker", cmd_broker),
+        ("cassandra", cmd_cassandra),
+        ("infra", cmd_infra),
+        ("up", cmd_up),
+    ]:
+        sub = commands.add_parser(name, help=(function.__doc__ or "").strip())
+        sub.set_defaults(function=function)
+        if name in ("broker", "cassandra"):
+            sub.add_argument("--port", type=int, help="port to listen on")
+        if name in ("infra", "up"):
+            sub.add_argument("--partitions", type=int, default=6, help="topic partitions")
+        if name == "up":
+            sub.add_argument("--calculators", type=int, default=2, help="calculator instances")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    stack = Stack()
+    # Until the command waits for its signal, SIGTERM interrupts the start-up like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        args.function(args, stack)
+        return 0
+    except PrerequisiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ProcessFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return 130
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

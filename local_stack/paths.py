@@ -1,0 +1,21 @@
+"""Where the local stack keeps downloads, data and logs: ``<project>/.local`` (git-ignored).
+
+Set ``LOCAL_STACK_HOME`` to put it elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def state_dir() -> Path:
+    """The root of everything the local stack writes."""
+    return Path(os.environ.get("LOCAL_STACK_HOME") or PROJECT_ROOT / ".local")
+
+
+def logs_dir() -> Path:
+    """Log files of the processes the local stack starts."""
+    return state_dir() / "logs"

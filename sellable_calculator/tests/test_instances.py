@@ -1,0 +1,246 @@
+"""Two calculator instances as real processes against the real broker."""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from sellable_calculator.tests.conftest import (
+    PARTITIONS,
+    Calculator,
+    Mutations,
+    sku_owned_by,
+    unique_location,
+    wait_until,
+)
+from shared_schemas import encode_key, partition_for
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
+
+
+def test_original_scenario_same_answer_from_both_instances(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("STL")
+    for owner in (0, 1):
+        sku = sku_owned_by(owner, location)
+        mutations.adjust(location, sku, 100)
+        mutations.reserve(location, sku, 10)
+        for calculator in calculators:
+            wait_until(lambda c=calculator, s=sku: c.count_of(location, s) == 90)
+            response = calculator.sellable(location, sku)
+            assert response.json() == {"locationId": location, "sku": sku, "count": 90}
+            owner_id = calculators[owner].env["CALCULATOR_INSTANCE_ID"]
+            assert response.headers["X-Served-By"] == owner_id
+            if calculator.index == owner:
+                assert "X-Forwarded-By" not in response.headers
+            else:
+                assert (
+                    response.headers["X-Forwarded-By"] == calculator.env["CALCULATOR_INSTANCE_ID"]
+                )
+
+
+def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:
+    location = unique_location()
+    for calculator in calculators:
+        for owner in (0, 1):
+            response = calculator.sellable(location, sku_owned_by(owner, location))
+            assert response.status_code == 404
+            assert response.json()["error"] == "not_found"
+
+
+def test_reservations_before_the_first_adjustment_still_count(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location()
+    position = mutations.reserve(location, "early", 4)
+    # The reservation alone does not create the key (the original's left join).
+    response = calculators[0].sellable(location, "early", position=str(position))
+    assert response.status_code == 404
+    mutations.adjust(location, "early", 10)
+    wait_until(lambda: calculators[1].count_of(location, "early") == 6)
+
+
+def test_exact_sums_after_concurrent_mutations_over_every_partition(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("BULK")
+    skus = [f"sku-{i}" for i in range(60)]
+    assert {partition_for(encode_key(location, s), PARTITIONS) for s in skus} == set(
+        range(PARTITIONS)
+    )
+    rng = random.Random(7)
+    expected = dict.fromkeys(skus, 0)
+    plan = []
+    for sku in skus:
+        plan.append((INVENTORY_ADJUSTMENTS.name, sku, 1_000))
+        expected[sku] += 1_000
+    for _ in range(3_000):
+        sku = rng.choice(skus)
+        if rng.random() < 0.6:
+            count = rng.choice([5, 10, -3])
+            plan.append((INVENTORY_ADJUSTMENTS.name, sku, count))
+            expected[sku] += count
+        else:
+            count = rng.randint(1, 4)
+            plan.append((INVENTORY_RESERVATIONS.name, sku, count))
+            expected[sku] -= count
+
+    def send(chunk: list[tuple[str, str, int]]) -> None:
+        for topic, sku, count in chunk:
+            mutations.send(topic, location, sku, count)
+        mutations.flush()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(send, [plan[i::4] for i in range(4)]))
+    for calculator in calculators:
+        wait_until(
+            lambda c=calculator: all(c.count_of(location, s) == expected[s] for s in skus),
+            timeout=60,
+        )
+    listing = calculators[0].get(f"/inventory/locations/{location}/skus").json()
+    assert {item["sku"]: item["count"] for item in listing["skus"]} == expected
+    assert sorted(listing["instances"]) == sorted(
+        c.env["CALCULATOR_INSTANCE_ID"] for c in calculators
+    )
+
+
+def test_read_your_writes_returns_the_value_including_the_position(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("RYW")
+    for owner in (0, 1):
+        sku = sku_owned_by(owner, location)
+        mutations.adjust(location, sku, 50)
+        for step in range(1, 6):
+            position = mutations.reserve(location, sku, 1)
+            # Immediately after the write, from either instance: the answer includes it.
+            for calculator in calculators:
+                response = calculator.sellable(location, sku, position=str(position))
+                assert response.status_code == 200, response.text
+                assert response.json()["count"] == 50 - step
+
+
+def test_read_your_writes_rejects_bad_positions_and_times_out(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location()
+    sku = sku_owned_by(0, location)
+    position = mutations.adjust(location, sku, 1)
+    calculator = calculators[0]
+    assert calculator.sellable(location, sku, position="nonsense").status_code == 422
+    wrong_topic = f"sellable_inventory:{position.partition}:0"
+    assert calculator.sellable(location, sku, position=wrong_topic).status_code == 422
+    other_partition = f"{position.topic}:{(position.partition + 1) % PARTITIONS}:0"
+    response = calculator.sellable(location, sku, position=other_partition)
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "position"
+    future = f"{position.topic}:{position.partition}:{position.offset + 1_000_000}"
+    started = time.monotonic()
+    response = calculator.sellable(location, sku, position=future, timeout=0.3)
+    assert response.status_code == 504
+    assert time.monotonic() - started < 5
+    body = response.json()
+    assert body["position"] == future
+    assert int(body["reached"].rsplit(":", 1)[1]) >= position.offset
+
+
+def test_metadata_names_the_owner_of_a_key(calculators: list[Calculator]) -> None:
+    location = unique_location()
+    for owner in (0, 1):
+        sku = sku_owned_by(owner, location)
+        for calculator in calculators:
+            body = calculator.get(f"/metadata/locations/{location}/skus/{sku}").json()
+            assert body["partition"] == partition_for(encode_key(location, sku), PARTITIONS)
+            assert body["owner"]["instanceId"] == calculators[owner].env["CALCULATOR_INSTANCE_ID"]
+    metadata = calculators[1].get("/metadata").json()
+    assert metadata["unownedPartitions"] == []
+    assert sorted(p for i in metadata["instances"] for p in i["partitions"]) == list(
+        range(PARTITIONS)
+    )
+
+
+def test_count_adds_up_over_instances(calculators: list[Calculator], mutations: Mutations) -> None:
+    body = calculators[0].get("/inventory/count").json()
+    assert body["count"] == sum(body["instances"].values())
+    local = calculators[1].get("/inventory/count", scope="local").json()
+    assert body["instances"][calculators[1].env["CALCULATOR_INSTANCE_ID"]] <= local["count"] + 50
+
+
+def test_bad_records_are_skipped_and_counted(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("BAD")
+    sku = sku_owned_by(1, location)
+    key = encode_key(location, sku)
+    partition = partition_for(key, PARTITIONS)
+    calculator = calculators[1]
+    topic = INVENTORY_ADJUSTMENTS.name
+    before = calculator.metric("calculator_undecodable_records_total", topic=topic)
+    mutations.raw(topic, key, b"not avro at all", partition)  # bad value
+    mutations.raw(topic, b"\xff\xfe", b"x", partition)  # bad key
+    mutations.raw(topic, key, None, partition)  # tombstone on an event log
+    misplaced = (partition + 2) % PARTITIONS  # still owned by instance 1, wrong for the key
+    mutations.raw(topic, key, b"\xc3\x01", misplaced)
+    mutations.adjust(location, sku, 42)  # the flow goes on behind them
+    wait_until(lambda: calculator.count_of(location, sku) == 42)
+    wait_until(
+        lambda: calculator.metric("calculator_undecodable_records_total", topic=topic) >= before + 4
+    )
+
+
+def test_owner_down_answers_503_quickly_and_own_keys_still_200(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("DOWN")
+    mine, theirs = sku_owned_by(0, location), sku_owned_by(1, location)
+    mutations.adjust(location, mine, 5)
+    mutations.adjust(location, theirs, 6)
+    wait_until(lambda: calculators[0].count_of(location, theirs) == 6)
+    assert calculators[1].process is not None
+    calculators[1].process.stop()
+    try:
+        started = time.monotonic()
+        response = calculators[0].sellable(location, theirs)
+        assert response.status_code == 503
+        assert time.monotonic() - started < 3
+        body = response.json()
+        assert body["error"] == "owner_unavailable"
+        assert calculators[1].env["CALCULATOR_INSTANCE_ID"] in body["message"]
+        assert calculators[0].count_of(location, mine) == 5
+        assert calculators[0].get(f"/inventory/locations/{location}/skus").status_code == 503
+    finally:
+        calculators[1].start()
+    wait_until(lambda: calculators[0].count_of(location, theirs) == 6)
+
+
+def test_kill_9_mid_stream_and_restart_gives_exact_values(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    victim = calculators[0]
+    location = unique_location("KILL")
+    skus = [sku_owned_by(0, location, start=100 * i) for i in range(10)]
+    expected = dict.fromkeys(skus, 0)
+    for sku in skus:
+        mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, 10_000)
+        expected[sku] += 10_000
+    mutations.flush()
+    rounds = 40
+    for round_ in range(rounds):
+        for sku in skus:
+            mutations.send(INVENTORY_RESERVATIONS.name, location, sku, 1)
+            mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, 3)
+            expected[sku] += 2
+        if round_ == rounds // 2:
+            mutations.flush()
+            # Mid-stream: wait until the instance has applied some of it, then kill -9.
+            wait_until(lambda: victim.count_of(location, skus[0]) not in (None, 10_000))
+            assert victim.process is not None
+            victim.process.kill()
+    mutations.flush()
+    victim.start()
+    for calculator in calculators:
+        wait_until(
+            lambda c=calculator: all(c.count_of(location, s) == expected[s] for s in skus),
+            timeout=60,
+        )
