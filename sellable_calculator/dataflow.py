@@ -38,6 +38,7 @@ import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -63,6 +64,9 @@ log = logging.getLogger(__name__)
 ADJUSTMENT, RESERVATION = 0, 1
 INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
 """Input topic names, indexed by ADJUSTMENT / RESERVATION."""
+
+_IDLE_BACKOFF = timedelta(milliseconds=5)
+"""How long an idle input partition waits before polling again (adds at most this latency)."""
 
 Mutation = tuple[bytes, int, int, int]
 """(key bytes, count, event time ms, offset): one decoded adjustment or reservation."""
@@ -148,14 +152,19 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._undecodable = metrics.undecodable.labels(self._topic)
         self._lag = metrics.lag.labels(self._topic, str(partition))
         self._tp = TopicPartition(self._topic, partition)
+        self._awake: datetime | None = None
 
     def next_batch(self) -> list[tuple[str, MutationBatch]]:
         if self._stop.is_set():
             raise StopIteration  # a clean shutdown: Bytewax finishes the epoch and exits
         messages = self._consumer.consume(self._batch_size, 0)
         if not messages:
+            # Idle: come back in a few milliseconds instead of spinning. Spinning would
+            # hold the GIL thousands of times a second and slow the REST API down.
+            self._awake = datetime.now(UTC) + _IDLE_BACKOFF
             self._update_lag()
             return []
+        self._awake = None
         mutations: list[Mutation] = []
         deserialize = self._serde.deserialize
         partition_of = self._key_check.partition_of
@@ -190,6 +199,9 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._records.inc(len(messages))
         batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset)
         return [(self._item_key, batch)]
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
 
     def _update_lag(self) -> None:
         # Cached watermarks come from librdkafka's statistics: no broker round trip here.
@@ -243,7 +255,7 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
                 "enable.auto.offset.store": False,
                 "statistics.interval.ms": 1000,
                 "stats_cb": lambda _: None,
-                "fetch.wait.max.ms": 10,
+                "fetch.wait.max.ms": 50,
                 "queued.max.messages.kbytes": 65536,
             }
         )

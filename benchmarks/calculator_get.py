@@ -1,0 +1,128 @@
+"""GET throughput and latency of the calculator: local reads and forwarded reads.
+
+    .venv/bin/python -m benchmarks.calculator_get [--seconds 10] [--concurrency 32]
+
+Starts an embedded broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), two calculator
+instances and a bare FastAPI app, all one uvicorn worker each, and drives each with
+``wrk`` at the same concurrency:
+
+* **bare FastAPI**: the baseline, a handler that only returns the JSON;
+* **local**: instance 0 asked for a key it owns (one RocksDB read);
+* **forwarded**: instance 0 asked for a key instance 1 owns (one extra HTTP hop).
+
+The issue's targets: local >= 0.8 and forwarded >= 0.4 of bare FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+
+import httpx
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
+from local_stack.broker import EmbeddedBroker
+from local_stack.process import ManagedProcess, free_port
+from shared_schemas import encode_key, partition_for, value_serde
+from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, ensure_topics
+
+PARTITIONS = 6
+
+
+def _sku_owned_by(index: int) -> str:
+    return next(
+        str(n)
+        for n in range(1_000)
+        if partition_for(encode_key("STL", str(n)), PARTITIONS) % 2 == index
+    )
+
+
+def main() -> None:
+    """Start everything, measure the three, print the table and the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS)
+        state = stack.enter_context(tempfile.TemporaryDirectory())
+        run = uuid.uuid4().hex[:6]
+        urls = []
+        for index in range(2):
+            port = free_port()
+            env = {
+                **os.environ,
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "TOPIC_PARTITIONS": str(PARTITIONS),
+                "CALCULATOR_PORT": str(port),
+                "CALCULATOR_INSTANCE_INDEX": str(index),
+                "CALCULATOR_INSTANCE_ID": f"bench-{run}-{index}",
+                "CALCULATOR_STATE_DIR": state,
+            }
+            process = stack.enter_context(
+                ManagedProcess(
+                    f"calculator-{index}", [sys.executable, "-m", "sellable_calculator"], env=env
+                )
+            )
+            process.start()
+            url = f"http://127.0.0.1:{port}"
+            process.wait_ready(lambda u=url: httpx.get(u + "/health/ready").status_code == 200, 60)
+            urls.append(url)
+
+        local_sku, remote_sku = _sku_owned_by(0), _sku_owned_by(1)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        serde = value_serde(INVENTORY_MUTATION, INVENTORY_ADJUSTMENTS.name)
+        for sku in (local_sku, remote_sku):
+            key = encode_key("STL", sku)
+            value = serde.serialize(
+                {
+                    "mutation_id": str(uuid.uuid4()),
+                    "count": 90,
+                    "event_time": int(time.time() * 1e3),
+                }
+            )
+            producer.produce(
+                INVENTORY_ADJUSTMENTS.name, value, key, partition=partition_for(key, PARTITIONS)
+            )
+        producer.flush(10)
+        local_url = f"{urls[0]}/inventory/locations/STL/skus/{local_sku}"
+        forwarded_url = f"{urls[0]}/inventory/locations/STL/skus/{remote_sku}"
+        deadline = time.monotonic() + 30
+        while not all(httpx.get(u).status_code == 200 for u in (local_url, forwarded_url)):
+            if time.monotonic() > deadline:
+                sys.exit("error: the calculators did not pick the keys up within 30 s")
+            time.sleep(0.1)
+
+        print(f"wrk, {args.concurrency} connections, {args.seconds:g} s each, one uvicorn worker")
+        with bare_fastapi() as bare_url:
+            bare = run_wrk(
+                f"{bare_url}/inventory/locations/STL/skus/{local_sku}",
+                args.concurrency,
+                args.seconds,
+            )
+        local = run_wrk(local_url, args.concurrency, args.seconds)
+        forwarded = run_wrk(forwarded_url, args.concurrency, args.seconds)
+    print(TABLE_HEADER)
+    print(bare.row("bare FastAPI (baseline)"))
+    print(local.row("calculator, local"))
+    print(forwarded.row("calculator, forwarded"))
+    base = bare.requests_per_second
+    print(
+        f"ratio local/bare: {local.requests_per_second / base:.2f} (target >= 0.8)   "
+        f"forwarded/bare: {forwarded.requests_per_second / base:.2f} (target >= 0.4)"
+    )
+
+
+if __name__ == "__main__":
+    main()

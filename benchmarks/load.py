@@ -1,0 +1,184 @@
+"""HTTP load for the benchmarks: ``wrk`` at a fixed concurrency, and a bare FastAPI baseline.
+
+Example::
+
+    from benchmarks.load import bare_fastapi, run_wrk
+
+    with bare_fastapi() as baseline_url:
+        result = run_wrk(baseline_url + "/ping", concurrency=32, seconds=10)
+    print(result.requests_per_second, result.p50_ms, result.p99_ms)
+
+``wrk`` (Debian package ``wrk``; ``make bench-…`` installs it) drives the load from its
+own process, so the Python server under test is what is measured, not the client. Every
+benchmark runs its baseline in the same run, on the same machine, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from local_stack.process import ManagedProcess, free_port
+
+_LUA_REPORT = """
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %.3f %.3f %.3f %.3f\\n",
+    summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one ``wrk`` run measured."""
+
+    requests: int
+    seconds: float
+    errors: int
+    """Socket errors and timeouts."""
+    non_2xx: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds
+
+    def row(self, name: str) -> str:
+        """One line of a results table."""
+        return (
+            f"{name:<34}{self.requests_per_second:>10,.0f}{self.p50_ms:>9.2f}"
+            f"{self.p95_ms:>9.2f}{self.p99_ms:>9.2f}{self.errors + self.non_2xx:>8}"
+        )
+
+
+TABLE_HEADER = f"{'':<34}{'req/s':>10}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+
+
+def wrk_binary() -> str:
+    """Path of ``wrk``, or a clear exit if it is not installed."""
+    path = shutil.which("wrk")
+    if path is None:
+        sys.exit("error: wrk not found: apt-get install -y wrk (make bench-… does this)")
+    return path
+
+
+def run_wrk(
+    url: str,
+    concurrency: int = 32,
+    seconds: float = 10.0,
+    method: str = "GET",
+    body: str | None = None,
+    threads: int = 1,
+) -> LoadResult:
+    """Load ``url`` with ``concurrency`` open connections for ``seconds``."""
+    script = _LUA_REPORT
+    if method != "GET":
+        script = (
+            f'wrk.method = "{method}"\n'
+            f"wrk.body = [[{body or ''}]]\n"
+            'wrk.headers["Content-Type"] = "application/json"\n' + script
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(textwrap.dedent(script))
+    try:
+        output = subprocess.run(
+            [
+                wrk_binary(),
+                f"-t{threads}",
+                f"-c{concurrency}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "5s",
+                "-s",
+                lua.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 60,
+        ).stdout
+    finally:
+        os.unlink(lua.name)
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    requests, micros, errors, non_2xx, p50, p95, p99, worst = match.group(1).split()
+    return LoadResult(
+        int(requests),
+        int(micros) / 1e6,
+        int(errors),
+        int(non_2xx),
+        float(p50),
+        float(p95),
+        float(p99),
+        float(worst),
+    )
+
+
+_BARE_APP = '''
+"""The baseline: FastAPI and uvicorn doing nothing but answering."""
+from fastapi import FastAPI
+from fastapi.responses import Response
+import json
+
+app = FastAPI()
+
+
+@app.get("/inventory/locations/{location}/skus/{sku}")
+async def get(location: str, sku: str) -> Response:
+    body = json.dumps({"locationId": location, "sku": sku, "count": 90})
+    return Response(body, media_type="application/json")
+
+
+@app.post("/inventory/adjustment")
+async def post(body: dict) -> dict:
+    return {"message": "ok", **body}
+'''
+
+
+@contextmanager
+def bare_fastapi(log_dir: Path | None = None) -> Iterator[str]:
+    """Run the baseline app (one uvicorn worker, like the services) and yield its URL."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "bare_app.py").write_text(_BARE_APP)
+        process = ManagedProcess(
+            "bare-fastapi",
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bare_app:app",
+                "--port",
+                str(port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=Path(tmp),
+            log_dir=log_dir,
+        )
+        url = f"http://127.0.0.1:{port}"
+        with process:
+            process.start()
+            process.wait_ready(lambda: httpx.get(url + "/docs").status_code == 200, 30)
+            yield url
