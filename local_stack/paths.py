@@ -19,3 +19,8 @@ def state_dir() -> Path:
 def logs_dir() -> Path:
     """Log files of the processes the local stack starts."""
     return state_dir() / "logs"
+
+
+def run_dir() -> Path:
+    """Per-instance data of the servers (e.g. ``run/cassandra-9042``)."""
+    return state_dir() / "run"

@@ -42,7 +42,9 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def cassandra_endpoint() -> Iterator[CassandraEndpoint]:
+def cassandra_endpoint(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[CassandraEndpoint]:
     """A real Cassandra for this test run."""
     external = external_cassandra()
     if external:
@@ -52,7 +54,9 @@ def cassandra_endpoint() -> Iterator[CassandraEndpoint]:
     port = free_port()
     with EmbeddedCassandra(
         port=port,
-        data_dir=state_dir() / "run" / f"test-cassandra-{port}",
+        # pytest's temporary directories, which it prunes itself: a data dir per run
+        # under .local/ would pile up, one per random port.
+        data_dir=tmp_path_factory.mktemp("cassandra"),
         fresh=True,
         log_dir=state_dir() / "test-logs",
     ) as cassandra:

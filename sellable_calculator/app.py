@@ -206,10 +206,12 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         sku: str,
         request: Request,
         position: Annotated[
-            str | None,
+            list[str] | None,
             Query(
                 description="Read-your-writes: a position the mutator returned "
-                "(`topic:partition:offset`); the answer includes that mutation.",
+                "(`topic:partition:offset`); the answer includes that mutation and "
+                "everything before it in the same topic partition. Repeat the parameter "
+                "to include writes to both topics (an adjustment and a reservation).",
                 examples=["inventory_adjustments:2:41"],
             ),
         ] = None,
@@ -225,10 +227,10 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             timeout or settings.calculator_wait_timeout_seconds,
             settings.calculator_max_wait_seconds,
         )
-        target: Position | None = None
-        if position is not None:
+        targets: list[Position] = []
+        for text in position or ():
             try:
-                target = Position.parse(position)
+                target = Position.parse(text)
             except ValueError as exc:
                 return _bad_position(str(exc))
             if target.topic not in INPUT_TOPICS:
@@ -238,6 +240,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
                     f"{location}/{sku} lives in partition {partition}, "
                     f"the position is in partition {target.partition}"
                 )
+            targets.append(target)
 
         if partition not in owned:
             if FORWARDED_BY in request.headers:
@@ -254,14 +257,15 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
                     "owner_unknown",
                     f"no calculator instance has advertised partition {partition}",
                 )
-            budget = settings.calculator_forward_timeout_seconds + (wait if target else 0)
+            budget = settings.calculator_forward_timeout_seconds + (wait if targets else 0)
             response = await forward(request, owner, budget)
             get_seconds.labels("forwarded").observe(time.perf_counter() - started)
             return response
 
-        if target is not None:
+        deadline = time.monotonic() + wait
+        for target in targets:
             reached = await runtime.progress.wait_for(
-                target.topic, target.partition, target.offset, wait
+                target.topic, target.partition, target.offset, deadline - time.monotonic()
             )
             if not reached:
                 applied = runtime.progress.reached(target.topic, target.partition)

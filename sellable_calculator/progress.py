@@ -53,6 +53,8 @@ class Progress:
         with self._lock:
             if self._next.get(key, 0) > offset:
                 return True
+            if timeout <= 0:
+                return False
             self._waiters.setdefault(key, []).append((offset, fut))
         try:
             await asyncio.wait_for(fut, timeout)

@@ -111,14 +111,21 @@ def test_read_your_writes_returns_the_value_including_the_position(
     location = unique_location("RYW")
     for owner in (0, 1):
         sku = sku_owned_by(owner, location)
-        mutations.adjust(location, sku, 50)
+        adjusted = mutations.adjust(location, sku, 50)
         for step in range(1, 6):
-            position = mutations.reserve(location, sku, 1)
-            # Immediately after the write, from either instance: the answer includes it.
+            reserved = mutations.reserve(location, sku, 1)
+            # Immediately after the write, from either instance: the answer includes both
+            # writes (each topic partition is applied at its own pace, hence two positions).
             for calculator in calculators:
-                response = calculator.sellable(location, sku, position=str(position))
+                response = calculator.sellable(
+                    location, sku, position=[str(adjusted), str(reserved)]
+                )
                 assert response.status_code == 200, response.text
                 assert response.json()["count"] == 50 - step
+        for step in range(1, 4):
+            adjusted = mutations.adjust(location, sku, 10)
+            response = calculators[1 - owner].sellable(location, sku, position=str(adjusted))
+            assert response.json()["count"] == 45 + 10 * step
 
 
 def test_read_your_writes_rejects_bad_positions_and_times_out(

@@ -1,0 +1,116 @@
+"""The embedded Cassandra: start, a real CQL round trip, restart, stop, nothing left behind."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import RoundRobinPolicy
+
+from local_stack.cassandra import (
+    PROTOCOL_VERSION,
+    EmbeddedCassandra,
+    cql_answers,
+    ensure_cassandra_distribution,
+    external_cassandra,
+)
+from local_stack.process import free_port, port_in_use
+from local_stack.pytest_plugin import CassandraEndpoint
+from local_stack.tests._util import gone
+
+# Bounded: one start is about 5-10 s here; a stuck one fails on the readiness timeout.
+pytestmark = pytest.mark.timeout(240)
+
+
+def _connect(cassandra: EmbeddedCassandra) -> tuple[Cluster, Session]:
+    cluster = Cluster(
+        cassandra.contact_points,
+        port=cassandra.port,
+        protocol_version=PROTOCOL_VERSION,  # Cassandra 2.1 rejects the driver's default
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+        },
+    )
+    return cluster, cluster.connect()
+
+
+def test_cassandra_cql_round_trip(tmp_path: Path) -> None:
+    port = free_port()
+    with EmbeddedCassandra(
+        port=port, data_dir=tmp_path / "data", fresh=True, log_dir=tmp_path
+    ) as cassandra:
+        assert cassandra.process is not None
+        pid = cassandra.process.pid
+        assert (cassandra.contact_points, cassandra.port) == (["127.0.0.1"], port)
+        cluster, session = _connect(cassandra)
+        keyspace = f"t_{uuid.uuid4().hex[:8]}"
+        session.execute(
+            f"CREATE KEYSPACE {keyspace} WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
+        session.execute(f"CREATE TABLE {keyspace}.kv (k text PRIMARY KEY, v bigint)")
+        session.execute(f"INSERT INTO {keyspace}.kv (k, v) VALUES (%s, %s)", ("a", 42))
+        assert session.execute(f"SELECT v FROM {keyspace}.kv WHERE k = 'a'").one().v == 42
+        cluster.shutdown()
+        # Its data is where it was told, not in the distribution or the default state dir.
+        assert (tmp_path / "data" / "data" / keyspace).is_dir()
+    assert gone(pid)
+    assert not port_in_use(port)
+
+
+def test_restart_keeps_data_and_fresh_wipes_it(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+
+    def instance(fresh: bool) -> EmbeddedCassandra:
+        return EmbeddedCassandra(port=port, data_dir=data_dir, fresh=fresh, log_dir=tmp_path)
+
+    with instance(fresh=True) as cassandra:
+        cluster, session = _connect(cassandra)
+        session.execute(
+            "CREATE KEYSPACE kept WITH replication = "
+            "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        )
+        session.execute("CREATE TABLE kept.kv (k text PRIMARY KEY, v int)")
+        session.execute("INSERT INTO kept.kv (k, v) VALUES ('a', 1)")
+        cluster.shutdown()
+    with instance(fresh=False) as cassandra:  # commit log replayed on start
+        cluster, session = _connect(cassandra)
+        assert session.execute("SELECT v FROM kept.kv WHERE k = 'a'").one().v == 1
+        cluster.shutdown()
+    with instance(fresh=True) as cassandra:
+        cluster, session = _connect(cassandra)
+        keyspaces = {
+            row.keyspace_name
+            for row in session.execute("SELECT keyspace_name FROM system.schema_keyspaces")
+        }
+        cluster.shutdown()
+    assert "kept" not in keyspaces
+
+
+def test_distribution_is_reused() -> None:
+    home = ensure_cassandra_distribution()
+    assert (home / "lib" / "apache-cassandra-2.1.0.jar").is_file()
+    assert (home.parent / "cassandra.json").is_file()
+    assert ensure_cassandra_distribution() == home
+
+
+def test_external_cassandra_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CASSANDRA_CONTACT_POINTS", raising=False)
+    monkeypatch.delenv("CASSANDRA_PORT", raising=False)
+    assert external_cassandra() is None
+    monkeypatch.setenv("CASSANDRA_CONTACT_POINTS", "db-1, db-2")
+    assert external_cassandra() == (["db-1", "db-2"], 9042)
+    monkeypatch.setenv("CASSANDRA_PORT", "19042")
+    assert external_cassandra() == (["db-1", "db-2"], 19042)
+
+
+def test_cassandra_endpoint_fixture_is_a_live_server(
+    cassandra_endpoint: CassandraEndpoint,
+) -> None:
+    if external_cassandra() is None:
+        assert cassandra_endpoint.protocol_version == PROTOCOL_VERSION
+    host = cassandra_endpoint.contact_points[0]
+    assert cql_answers(host, cassandra_endpoint.port)
