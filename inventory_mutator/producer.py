@@ -1,0 +1,122 @@
+"""An asyncio front for confluent-kafka's producer: ``await produce(...)`` never blocks the loop.
+
+Example::
+
+    producer = AsyncProducer({"bootstrap.servers": "127.0.0.1:9092"})
+    delivered = await producer.produce("inventory_adjustments", key, value, partition=2,
+                                       timeout=5.0)
+    print(delivered.partition, delivered.offset)
+    producer.close()
+
+librdkafka delivers acknowledgements through callbacks that run inside ``poll()``. A
+background thread polls; each callback hands its result to the waiting coroutine with
+``loop.call_soon_threadsafe``. The producer is idempotent with ``acks=all``, so a retry
+inside librdkafka never writes a record twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+log = logging.getLogger(__name__)
+
+
+class ProduceFailed(Exception):
+    """The broker did not acknowledge the record: refused, unreachable or too slow."""
+
+    def __init__(self, reason: str, may_be_written: bool) -> None:
+        super().__init__(reason)
+        self.may_be_written = may_be_written
+        """Whether the record might still land (a timeout) or certainly did not."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Where an acknowledged record landed."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class AsyncProducer:
+    """One confluent-kafka producer shared by every request of the process."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._producer = Producer(
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 1,
+                **config,
+            }
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def produce(
+        self, topic: str, key: bytes, value: bytes, partition: int, timeout: float
+    ) -> Delivered:
+        """Produce one record and wait for the broker's acknowledgement."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Delivered] = loop.create_future()
+        # A late failure after our timeout must not be logged as "never retrieved".
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        def on_delivery(error: KafkaError | None, message: Message) -> None:
+            if error is None:
+                result: Delivered | ProduceFailed = Delivered(
+                    message.topic(), message.partition(), message.offset()
+                )
+            else:
+                # A message timed out inside librdkafka may still have reached the log.
+                result = ProduceFailed(
+                    str(error), may_be_written=error.code() == KafkaError._MSG_TIMED_OUT
+                )
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        try:
+            self._producer.produce(topic, value, key, partition=partition, on_delivery=on_delivery)
+        except BufferError as exc:
+            raise ProduceFailed("the producer's local queue is full", False) from exc
+        except KafkaException as exc:
+            raise ProduceFailed(str(exc), False) from exc
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError as exc:
+            raise ProduceFailed(
+                f"no acknowledgement from Kafka within {timeout:g} s", may_be_written=True
+            ) from exc
+
+    def list_topics(self, timeout: float) -> set[str]:
+        """Names of the broker's topics (blocking: call it from a thread)."""
+        return set(self._producer.list_topics(timeout=timeout).topics)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush what is queued, stop polling; return how many records were left undelivered."""
+        remaining = self._producer.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout=1)
+        if remaining:
+            log.error("%d record(s) not acknowledged at shutdown", remaining)
+        return remaining
+
+
+def _settle(future: asyncio.Future[Delivered], result: Delivered | ProduceFailed) -> None:
+    if future.done():
+        return
+    if isinstance(result, ProduceFailed):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

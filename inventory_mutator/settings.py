@@ -1,0 +1,33 @@
+"""Settings of the inventory mutator, read from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared_schemas.settings import KafkaSettings
+
+
+class MutatorSettings(KafkaSettings):
+    """The command side: where it listens and how long it waits for the broker."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    mutator_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
+    mutator_port: int = Field(9091, ge=1, le=65535, description="Port of the REST API.")
+    mutator_delivery_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest wait for the broker's acknowledgement before a 503."
+    )
+    mutator_max_body_bytes: int = Field(
+        16_384, ge=256, description="Largest request body accepted; larger ones get 413."
+    )
+    mutator_idempotency_window_seconds: float = Field(
+        600.0, gt=0, description="How long an Idempotency-Key's first answer is remembered."
+    )
+    mutator_idempotency_max_keys: int = Field(
+        100_000, ge=1, description="Most Idempotency-Keys remembered at once (oldest go first)."
+    )
+    mutator_ensure_topics: bool = Field(
+        True, description="Create missing topics at start-up when the broker is reachable."
+    )
+    log_level: str = Field("INFO", description="Logging level.")

@@ -1,0 +1,240 @@
+"""The mutator against the real embedded broker: what lands, what is refused, what fails."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from fastapi.testclient import TestClient
+
+from inventory_mutator.app import create_app
+from inventory_mutator.settings import MutatorSettings
+from local_stack.process import ManagedProcess, free_port
+from shared_schemas import decode_key, encode_key, partition_for, value_serde
+from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
+
+PARTITIONS = 6
+TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
+
+
+@pytest.fixture(scope="module")
+def client(kafka_bootstrap: str) -> Iterator[TestClient]:
+    settings = MutatorSettings(kafka_bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS)
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def _read(bootstrap: str, topic: str, partition: int, offset: int) -> tuple[bytes, dict]:
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "mutator-tests", "enable.auto.commit": False}
+    )
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    try:
+        message = consumer.poll(10)
+    finally:
+        consumer.close()
+    assert message is not None and message.error() is None
+    assert message.offset() == offset
+    return message.key(), value_serde(INVENTORY_MUTATION, topic).deserialize(message.value())
+
+
+def _end_offsets(bootstrap: str) -> dict[tuple[str, int], int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mutator-tests"})
+    try:
+        return {
+            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+            for t in TOPICS
+            for p in range(PARTITIONS)
+        }
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "topic", "count", "sent"),
+    [
+        ("/inventory/adjustment", INVENTORY_ADJUSTMENTS.name, 100, "100"),  # the original's string
+        ("/inventory/adjustment", INVENTORY_ADJUSTMENTS.name, -3, -3),  # shrinkage
+        ("/inventory/reservation", INVENTORY_RESERVATIONS.name, 10, 10),
+    ],
+)
+def test_record_lands_on_the_key_partition_with_the_avro_content(
+    client: TestClient, kafka_bootstrap: str, path: str, topic: str, count: int, sent: object
+) -> None:
+    location, sku = f"STL-{uuid.uuid4().hex[:6]}", "123123"
+    before = int(time.time() * 1000)
+    response = client.post(path, json={"locationId": location, "sku": sku, "count": sent})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    key = encode_key(location, sku)
+    assert body["topic"] == topic
+    assert body["partition"] == partition_for(key, PARTITIONS)
+    assert body["position"] == f"{topic}:{body['partition']}:{body['offset']}"
+    assert body["message"] == f"Updated Inventory [{topic}-{body['partition']}@{body['offset']}]"
+    record_key, value = _read(kafka_bootstrap, topic, body["partition"], body["offset"])
+    assert decode_key(record_key) == decode_key(key)
+    assert value["count"] == count
+    assert value["mutation_id"] == body["mutationId"]
+    assert before <= value["event_time"] <= int(time.time() * 1000)
+
+
+def test_location_is_accepted_as_an_alias(client: TestClient) -> None:
+    response = client.post(
+        "/inventory/adjustment", json={"location": "KC", "sku": " 42 ", "count": 1}
+    )
+    assert response.status_code == 200
+
+
+BAD_INPUT = [
+    ({"sku": "1", "count": 1}, "locationId", "Field required"),
+    ({"locationId": "  ", "sku": "1", "count": 1}, "locationId", "must not be empty"),
+    ({"locationId": "STL", "sku": "x" * 129, "count": 1}, "sku", "at most 128"),
+    ({"locationId": "STL", "sku": "a\nb", "count": 1}, "sku", "printable"),
+    ({"locationId": 7, "sku": "1", "count": 1}, "locationId", "must be a string"),
+    ({"locationId": "STL", "sku": "1", "count": 0}, "count", "must not be zero"),
+    ({"locationId": "STL", "sku": "1", "count": 1.5}, "count", "whole number"),
+    ({"locationId": "STL", "sku": "1", "count": "ten"}, "count", "whole number"),
+    ({"locationId": "STL", "sku": "1", "count": True}, "count", "boolean"),
+    ({"locationId": "STL", "sku": "1", "count": 2**31}, "count", "between"),
+    ({"locationId": "STL", "sku": "1"}, "count", "Field required"),
+]
+
+
+@pytest.mark.parametrize(("body", "field", "problem"), BAD_INPUT)
+def test_bad_adjustments_are_422_naming_the_field_and_write_nothing(
+    client: TestClient, kafka_bootstrap: str, body: dict, field: str, problem: str
+) -> None:
+    before = _end_offsets(kafka_bootstrap)
+    response = client.post("/inventory/adjustment", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert error["error"] == "invalid_request"
+    assert any(d["field"] == field and problem in d["problem"] for d in error["details"]), error
+    assert _end_offsets(kafka_bootstrap) == before
+
+
+@pytest.mark.parametrize("count", [0, -5, "-1"])
+def test_reservations_must_be_positive(
+    client: TestClient, kafka_bootstrap: str, count: object
+) -> None:
+    before = _end_offsets(kafka_bootstrap)
+    response = client.post(
+        "/inventory/reservation", json={"locationId": "STL", "sku": "1", "count": count}
+    )
+    assert response.status_code == 422
+    assert response.json()["details"][0] == {"field": "count", "problem": "must be positive"}
+    assert _end_offsets(kafka_bootstrap) == before
+
+
+def test_malformed_json_oversized_body_and_wrong_shape(
+    client: TestClient, kafka_bootstrap: str
+) -> None:
+    before = _end_offsets(kafka_bootstrap)
+    headers = {"content-type": "application/json"}
+    malformed = client.post("/inventory/adjustment", content=b'{"locationId": ', headers=headers)
+    assert (malformed.status_code, malformed.json()["error"]) == (400, "malformed_json")
+    empty = client.post("/inventory/adjustment", content=b"", headers=headers)
+    assert empty.status_code == 400
+    huge = {"locationId": "STL", "sku": "1", "count": 1, "padding": "x" * 20_000}
+    too_big = client.post("/inventory/adjustment", json=huge)
+    assert (too_big.status_code, too_big.json()["error"]) == (413, "body_too_large")
+    chunked = client.post(
+        "/inventory/adjustment", content=iter([b"{" + b" " * 20_000 + b"}"]), headers=headers
+    )
+    assert chunked.status_code == 413
+    not_an_object = client.post("/inventory/adjustment", json=[1, 2])
+    assert not_an_object.status_code == 422
+    assert _end_offsets(kafka_bootstrap) == before
+
+
+def test_idempotency_key_retry_writes_once(client: TestClient, kafka_bootstrap: str) -> None:
+    body = {"locationId": f"IDEM-{uuid.uuid4().hex[:6]}", "sku": "1", "count": 5}
+    headers = {"Idempotency-Key": uuid.uuid4().hex}
+    before = _end_offsets(kafka_bootstrap)
+    with ThreadPoolExecutor(4) as pool:  # concurrent retries wait for the first outcome
+        answers = list(
+            pool.map(
+                lambda _: client.post("/inventory/adjustment", json=body, headers=headers), range(4)
+            )
+        )
+    answers.append(client.post("/inventory/adjustment", json=body, headers=headers))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.json()["offset"] for a in answers}) == 1
+    after = _end_offsets(kafka_bootstrap)
+    assert sum(after.values()) - sum(before.values()) == 1
+    reused = client.post("/inventory/adjustment", json={**body, "count": 6}, headers=headers)
+    assert (reused.status_code, reused.json()["error"]) == (422, "idempotency_key_reused")
+    other_endpoint = client.post("/inventory/reservation", json=body, headers=headers)
+    assert other_endpoint.status_code == 200  # keys are per endpoint
+
+
+def test_broker_down_is_503_within_the_timeout() -> None:
+    settings = MutatorSettings(
+        kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",  # nothing listens there
+        mutator_delivery_timeout_seconds=1.0,
+        mutator_ensure_topics=False,
+    )
+    with TestClient(create_app(settings)) as down:
+        started = time.monotonic()
+        response = down.post(
+            "/inventory/adjustment", json={"locationId": "STL", "sku": "1", "count": 1}
+        )
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503
+        assert response.json()["error"] == "kafka_unavailable"
+        assert "Idempotency-Key" in response.json()["message"]
+        assert elapsed < 4
+        assert down.get("/health/ready").status_code == 503
+        assert down.get("/health/live").status_code == 200
+        metrics = down.get("/metrics").text
+        assert 'mutator_produce_errors_total{topic="inventory_adjustments"} 1.0' in metrics
+
+
+def test_metrics_count_requests_by_endpoint_and_status(client: TestClient) -> None:
+    client.post("/inventory/reservation", json={"locationId": "STL", "sku": "1", "count": 0})
+    metrics = client.get("/metrics").text
+    assert 'mutator_requests_total{endpoint="/inventory/reservation",status="422"}' in metrics
+    assert "mutator_request_seconds_bucket" in metrics
+    assert client.get("/health/ready").json()["ready"] is True
+
+
+def test_process_serves_the_original_command_and_stops_on_sigterm(
+    kafka_bootstrap: str, tmp_path: object
+) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "MUTATOR_PORT": str(port),
+        "TOPIC_PARTITIONS": str(PARTITIONS),
+    }
+    process = ManagedProcess(
+        "mutator",
+        [sys.executable, "-m", "inventory_mutator"],
+        env=env,
+        log_dir=tmp_path,  # type: ignore[arg-type]
+    )
+    url = f"http://127.0.0.1:{port}"
+    with process:
+        process.start()
+        process.wait_ready(lambda: httpx.get(url + "/health/ready").status_code == 200, 30)
+        # The original example's command, byte for byte: count as a JSON string.
+        response = httpx.post(
+            url + "/inventory/adjustment",
+            content=b'{"locationId":"STL","sku":"123123", "count": "100"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 200
+        assert response.json()["message"].startswith("Updated Inventory [inventory_adjustments-")
+        assert process.stop() == 0
+    log = process.log_path.read_text()
+    assert f"listening on http://127.0.0.1:{port}" in log
+    assert "inventory_mutator stopped" in log
