@@ -45,6 +45,9 @@ from local_stack.process import (
 
 log = logging.getLogger("local_stack")
 
+READY_BANNER = "The system is up:"
+"""Printed once every process is ready (the integration tests wait for it)."""
+
 MUTATOR_PORT = 9091
 SERVICE_PORT = 9093
 FIRST_CALCULATOR_PORT = 9094
@@ -159,25 +162,21 @@ def _start_service(
     process.wait_ready(lambda: httpx.get(url, timeout=1).status_code == 200, timeout=90)
 
 
-def _tour(calculators: int) -> str:
-    calculator_docs = ", ".join(
-        f"http://localhost:{FIRST_CALCULATOR_PORT + i}/docs" for i in range(calculators)
-    )
-    gets = " ".join(
-        str(p)
-        for p in [SERVICE_PORT, *range(FIRST_CALCULATOR_PORT, FIRST_CALCULATOR_PORT + calculators)]
-    )
+def _tour(mutator_port: int, service_port: int, calculator_ports: list[int]) -> str:
+    calculator_docs = ", ".join(f"http://localhost:{p}/docs" for p in calculator_ports)
+    gets = " ".join(str(p) for p in [service_port, *calculator_ports])
+    post = f"http://localhost:{mutator_port}/inventory"
     return f"""
-The system is up:
-  mutator               http://localhost:{MUTATOR_PORT}/docs
-  sellable_service      http://localhost:{SERVICE_PORT}/docs   (Cassandra read model)
+{READY_BANNER}
+  inventory_mutator     http://localhost:{mutator_port}/docs
+  sellable_service      http://localhost:{service_port}/docs   (Cassandra read model)
   sellable_calculator   {calculator_docs}
 
 Try it:
   curl -H "Content-Type: application/json" -X POST \\
-    -d '{{"locationId":"STL","sku":"123123", "count": "100"}}' http://localhost:{MUTATOR_PORT}/inventory/adjustment
+    -d '{{"locationId":"STL","sku":"123123", "count": "100"}}' {post}/adjustment
   curl -H "Content-Type: application/json" -X POST \\
-    -d '{{"locationId":"STL","sku":"123123", "count": "10"}}' http://localhost:{MUTATOR_PORT}/inventory/reservation
+    -d '{{"locationId":"STL","sku":"123123", "count": "10"}}' {post}/reservation
   for port in {gets}; do
     curl -s http://localhost:$port/inventory/locations/STL/skus/123123; echo
   done
@@ -241,19 +240,17 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
     """The whole system on the embedded defaults."""
     if args.calculators < 1 or args.partitions < args.calculators:
         raise PrerequisiteError("need at least one calculator and one partition per calculator")
-    ports = [MUTATOR_PORT, SERVICE_PORT] + [
-        FIRST_CALCULATOR_PORT + i for i in range(args.calculators)
-    ]
-    for port in ports:
+    calculator_ports = [args.calculator_port + i for i in range(args.calculators)]
+    for port in [args.mutator_port, args.service_port, *calculator_ports]:
         require_free_port(port, "the system")
     if not external_kafka():
         _fresh_state()
-    _start_broker(stack, 9092)
-    _start_cassandra(stack, 9042, fresh=not external_kafka())
+    _start_broker(stack, args.kafka_port)
+    _start_cassandra(stack, args.cassandra_port, fresh=not external_kafka())
     _ensure_topics(stack, args.partitions)
     stack.env["TOPIC_PARTITIONS"] = str(args.partitions)
-    width = len("sellable_calculator-0")
-    for index in range(args.calculators):
+    width = len("inventory_mutator")
+    for index, port in enumerate(calculator_ports):
         _start_service(
             stack,
             f"calculator-{index}",
@@ -261,28 +258,28 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
             {
                 "CALCULATOR_INSTANCE_INDEX": str(index),
                 "CALCULATOR_INSTANCE_COUNT": str(args.calculators),
-                "CALCULATOR_PORT": str(FIRST_CALCULATOR_PORT + index),
+                "CALCULATOR_PORT": str(port),
             },
-            FIRST_CALCULATOR_PORT + index,
+            port,
             width,
         )
     _start_service(
         stack,
         "sellable_service",
         "sellable_service",
-        {"SERVICE_PORT": str(SERVICE_PORT)},
-        SERVICE_PORT,
+        {"SERVICE_PORT": str(args.service_port)},
+        args.service_port,
         width,
     )
     _start_service(
         stack,
         "inventory_mutator",
         "inventory_mutator",
-        {"MUTATOR_PORT": str(MUTATOR_PORT)},
-        MUTATOR_PORT,
+        {"MUTATOR_PORT": str(args.mutator_port)},
+        args.mutator_port,
         width,
     )
-    print(_tour(args.calculators), flush=True)
+    print(_tour(args.mutator_port, args.service_port, calculator_ports), flush=True)
     _wait_for_signal()
 
 
@@ -309,6 +306,16 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--partitions", type=int, default=6, help="topic partitions")
         if name == "up":
             sub.add_argument("--calculators", type=int, default=2, help="calculator instances")
+            sub.add_argument("--mutator-port", type=int, default=MUTATOR_PORT)
+            sub.add_argument("--service-port", type=int, default=SERVICE_PORT)
+            sub.add_argument(
+                "--calculator-port",
+                type=int,
+                default=FIRST_CALCULATOR_PORT,
+                help="port of calculator 0; instance i listens on this + i",
+            )
+            sub.add_argument("--kafka-port", type=int, default=9092, help="embedded broker")
+            sub.add_argument("--cassandra-port", type=int, default=9042, help="embedded Cassandra")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"

@@ -1,0 +1,24 @@
+# One image for every service of the project; docker-compose.yml picks the command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY shared_schemas ./shared_schemas
+COPY inventory_mutator ./inventory_mutator
+COPY sellable_calculator ./sellable_calculator
+COPY sellable_service ./sellable_service
+COPY local_stack ./local_stack
+COPY integration_tests ./integration_tests
+COPY benchmarks ./benchmarks
+# No [embedded] extra: in compose, Kafka and Cassandra are real servers of their own.
+RUN pip install .
+
+# Calculator state (RocksDB store and Bytewax recovery) lives on a volume.
+ENV CALCULATOR_STATE_DIR=/var/lib/sellable-calculator
+RUN useradd --create-home --uid 10001 app \
+    && mkdir -p /var/lib/sellable-calculator && chown app /var/lib/sellable-calculator
+USER app

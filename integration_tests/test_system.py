@@ -1,0 +1,207 @@
+"""End-to-end: the running system, over HTTP only."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from integration_tests.conftest import PARTITIONS, System, wait_until
+from local_stack.process import ManagedProcess
+from shared_schemas import encode_key, partition_for
+
+
+def _location(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def test_the_original_integration_test(system: System) -> None:
+    """Adjust by 100, reserve 10: the three GET endpoints agree on 90."""
+    location = _location("STL")
+    system.adjust(location, "123123", "100")
+    system.reserve(location, "123123", "10")
+    wait_until(lambda: system.all_agree(location, {"123123": 90}), timeout=60)
+    for base in system.readers:
+        assert system.get(base, location, "123123").json() == {
+            "locationId": location,
+            "sku": "123123",
+            "count": 90,
+        }
+
+
+def test_many_keys_over_every_partition_and_both_forwarding_directions(system: System) -> None:
+    location = _location("MANY")
+    skus = [f"sku-{i}" for i in range(48)]
+    assert {partition_for(encode_key(location, s), PARTITIONS) for s in skus} == set(
+        range(PARTITIONS)
+    )
+    expected = {sku: 10 + i for i, sku in enumerate(skus)}
+    for sku, count in expected.items():
+        system.adjust(location, sku, count)
+    wait_until(lambda: system.all_agree(location, expected), timeout=60)
+    served_by: dict[str, set[str]] = {}
+    for base in system.calculators:
+        for sku in skus:
+            response = system.get(base, location, sku)
+            served_by.setdefault(response.headers["X-Served-By"], set()).add(
+                "forwarded" if "X-Forwarded-By" in response.headers else "local"
+            )
+    # Each instance answered some keys itself and got others forwarded to it.
+    assert len(served_by) == 2
+    assert all(kinds == {"local", "forwarded"} for kinds in served_by.values())
+    for base in system.readers:
+        response = system.get(base, location, "no-such-sku")
+        assert response.status_code == 404
+        assert response.json()["error"] == "not_found"
+
+
+def test_bad_input_is_refused_and_nothing_becomes_visible(system: System) -> None:
+    location = _location("BAD")
+    bad = [
+        ("adjustment", {"locationId": location, "sku": "x", "count": 0}),
+        ("adjustment", {"locationId": location, "sku": "x", "count": "lots"}),
+        ("reservation", {"locationId": location, "sku": "x", "count": -1}),
+        ("adjustment", {"locationId": " ", "sku": "x", "count": 1}),
+    ]
+    for kind, body in bad:
+        response = system.client.post(f"{system.mutator}/inventory/{kind}", json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["details"]
+    malformed = system.client.post(
+        f"{system.mutator}/inventory/adjustment",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert malformed.status_code == 400
+    # A good write after the bad ones is a barrier: once it is visible everywhere,
+    # anything the bad requests had written would be too.
+    system.adjust(location, "barrier", 1)
+    wait_until(lambda: system.all_agree(location, {"barrier": 1}), timeout=60)
+    for base in system.readers:
+        assert system.get(base, location, "x").status_code == 404
+
+
+def test_read_your_writes_with_the_mutators_position(system: System) -> None:
+    location = _location("RYW")
+    for sku in ("a", "b", "c", "d"):  # keys of both instances, most likely
+        adjusted = system.adjust(location, sku, 20)
+        reserved = system.reserve(location, sku, 5)
+        for base in system.calculators:
+            response = system.get(
+                base, location, sku, position=[adjusted["position"], reserved["position"]]
+            )
+            assert response.status_code == 200, response.text
+            assert response.json()["count"] == 15
+
+
+def test_concurrent_load_ends_exact_on_all_three_sides(system: System) -> None:
+    location = _location("LOAD")
+    skus = [f"sku-{i}" for i in range(30)]
+    rng = random.Random(42)
+    plan: list[tuple[str, str, int]] = [("adjustment", sku, 500) for sku in skus]
+    for _ in range(600):
+        sku = rng.choice(skus)
+        if rng.random() < 0.5:
+            plan.append(("adjustment", sku, rng.choice([1, 2, 5, -1])))
+        else:
+            plan.append(("reservation", sku, rng.randint(1, 3)))
+    expected = dict.fromkeys(skus, 0)
+    for kind, sku, count in plan:
+        expected[sku] += count if kind == "adjustment" else -count
+
+    def send(item: tuple[str, str, int]) -> None:
+        kind, sku, count = item
+        if kind == "adjustment":
+            system.adjust(location, sku, count)
+        else:
+            system.reserve(location, sku, count)
+
+    # The initial adjustments first, so no reservation races ahead of its key's creation
+    # in a way that matters: the sums are order-independent anyway.
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(send, plan))
+    wait_until(lambda: system.all_agree(location, expected), timeout=120, interval=0.5)
+
+
+def _calculator_process(port: int) -> tuple[int, list[str], dict[str, str], str]:
+    """pid, command line, environment and cwd of the calculator listening on ``port``."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"sellable_calculator" not in cmdline:
+                continue
+            environ = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_bytes().decode().split("\0")
+                if "=" in item
+            )
+            if environ.get("CALCULATOR_PORT") == str(port):
+                argv = [part.decode() for part in cmdline if part]
+                return int(proc.name), argv, environ, str((proc / "cwd").resolve())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    raise AssertionError(f"no calculator process listens on port {port}")
+
+
+def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: Path) -> None:
+    location = _location("CRASH")
+    skus = [f"sku-{i}" for i in range(24)]
+    expected = dict.fromkeys(skus, 0)
+    for sku in skus:
+        system.adjust(location, sku, 100)
+        expected[sku] += 100
+    wait_until(lambda: system.all_agree(location, expected), timeout=60)
+
+    victim_url, survivor_url = system.calculators[1], system.calculators[0]
+    port = int(victim_url.rsplit(":", 1)[1])
+    pid, argv, environ, cwd = _calculator_process(port)
+    own = [s for s in skus if partition_for(encode_key(location, s), PARTITIONS) % 2 == 0]
+    assert own, "the survivor owns some of the keys"
+
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), timeout=10)
+    for sku in skus:  # writes keep being accepted while the instance is down
+        system.reserve(location, sku, 7)
+        expected[sku] -= 7
+    # The survivor keeps serving its own keys, with the new values.
+    wait_until(
+        lambda: all(system.count_at(survivor_url, location, s) == expected[s] for s in own),
+        timeout=60,
+    )
+    restarted = ManagedProcess(
+        "calculator-1-restarted", argv, env=environ, cwd=Path(cwd), log_dir=log_dir
+    )
+    restarted.start()
+    try:
+        restarted.wait_ready(
+            lambda: httpx.get(victim_url + "/health/live").status_code == 200, timeout=60
+        )
+        wait_until(lambda: system.all_agree(location, expected), timeout=120, interval=0.5)
+    finally:
+        assert restarted.stop() == 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_location_listing_on_both_sides(system: System) -> None:
+    location = _location("LIST")
+    expected = {f"sku-{i:02d}": i + 1 for i in range(12)}
+    for sku, count in expected.items():
+        system.adjust(location, sku, count)
+    wait_until(lambda: system.all_agree(location, expected), timeout=60)
+    listing = system.client.get(
+        f"{system.calculators[0]}/inventory/locations/{location}/skus"
+    ).json()
+    assert {item["sku"]: item["count"] for item in listing["skus"]} == expected
