@@ -65,7 +65,7 @@ ADJUSTMENT, RESERVATION = 0, 1
 INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
 """Input topic names, indexed by ADJUSTMENT / RESERVATION."""
 
-_IDLE_BACKOFF = timedelta(milliseconds=5)
+_IDLE_BACKOFF = timedelta(milliseconds=10)
 """How long an idle input partition waits before polling again (adds at most this latency)."""
 
 Mutation = tuple[bytes, int, int, int]

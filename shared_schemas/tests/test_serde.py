@@ -11,6 +11,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from shared_schemas.schemas import INVENTORY_MUTATION, SELLABLE_INVENTORY, AvroSchema
 from shared_schemas.serde import (
     ConfluentSerde,
+    InventoryKey,
     SerdeError,
     SingleObjectSerde,
     decode_key,
@@ -84,6 +85,22 @@ def test_evolution_confluent_reader_with_defaulted_field(registry: SchemaRegistr
     written = ConfluentSerde(INVENTORY_MUTATION, registry, "m-value").serialize(MUTATION)
     reader = ConfluentSerde(_evolved_mutation_schema(), registry, "m-value")
     assert reader.deserialize(written) == {**MUTATION, "reason": "unspecified"}
+
+
+@pytest.mark.parametrize(
+    ("location", "sku"), [("STL", "123123"), ("", ""), ("Zürich", "ß" * 70), ("x" * 300, "y")]
+)
+def test_key_bytes_equal_fastavros_encoding_of_the_key_schema(location: str, sku: str) -> None:
+    import io
+
+    import fastavro
+
+    from shared_schemas.schemas import INVENTORY_KEY
+
+    expected = io.BytesIO()
+    fastavro.schemaless_writer(expected, INVENTORY_KEY.parsed, {"location": location, "sku": sku})
+    assert encode_key(location, sku) == expected.getvalue()
+    assert decode_key(encode_key(location, sku)) == InventoryKey(location, sku)
 
 
 def test_key_bytes_are_plain_avro_and_deterministic() -> None:
