@@ -110,6 +110,9 @@ class AsyncProducer:
         self._poller.join(timeout=1)
         if remaining:
             log.error("%d record(s) not acknowledged at shutdown", remaining)
+        # Dropping the last reference destroys the librdkafka handle now, rather than at
+        # interpreter exit (where it would still be trying to reach the broker).
+        del self._producer
         return remaining
 
 

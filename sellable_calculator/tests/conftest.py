@@ -80,6 +80,11 @@ class Mutations:
         """Wait until everything queued is acknowledged."""
         assert self._producer.flush(60) == 0
 
+    def close(self) -> None:
+        """Flush and drop the producer (its librdkafka handle goes with it)."""
+        self.flush()
+        del self._producer
+
     def _send_and_wait(self, topic: str, location: str, sku: str, count: int) -> Position:
         key = encode_key(location, sku)
         delivered: list[Position] = []
@@ -156,9 +161,11 @@ class Calculator:
 
 
 @pytest.fixture(scope="module")
-def mutations(kafka_bootstrap: str) -> Mutations:
+def mutations(kafka_bootstrap: str) -> Iterator[Mutations]:
     ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), PARTITIONS)
-    return Mutations(kafka_bootstrap)
+    writer = Mutations(kafka_bootstrap)
+    yield writer
+    writer.close()
 
 
 @pytest.fixture(scope="module")
