@@ -1,0 +1,148 @@
+"""The read model's REST API: the same GET as the calculator, answered from Cassandra.
+
+Example::
+
+    app = create_app(ServiceSettings())
+    serve(app, "127.0.0.1", 9093)
+
+The lifespan connects to Cassandra (in the background, retrying, so the service starts
+even while Cassandra is down and answers 503 meanwhile) and starts the writer that
+consumes ``sellable_inventory`` into it; both stop with the app.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from sellable_service.metrics import ServiceMetrics
+from sellable_service.settings import ServiceSettings
+from sellable_service.store import CassandraUnavailable, SellableTable
+from sellable_service.writer import SellableWriter
+from shared_schemas.http import error_response, install_error_handlers, operations_router
+
+
+class SellableInventory(BaseModel):
+    """The sellable count of one sku at one location (the original example's JSON)."""
+
+    locationId: str = Field(examples=["STL"])
+    sku: str = Field(examples=["123123"])
+    count: int = Field(description="Sellable: on hand minus reserved.", examples=[90])
+
+
+class LocationPage(BaseModel):
+    """One page of a location's skus, in sku order."""
+
+    locationId: str
+    skus: list[SellableInventory]
+    next: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status, media_type="application/json")
+
+
+def _unavailable(exc: CassandraUnavailable) -> Response:
+    return error_response(503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}")
+
+
+def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The service's FastAPI application; Cassandra and the writer live with its lifespan."""
+    metrics = metrics or ServiceMetrics()
+    table = SellableTable(settings)
+    writer = SellableWriter(settings, table, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        table.start()
+        writer.start()
+        yield
+        writer.stop()
+        table.close()
+
+    app = FastAPI(
+        title="sellable_service",
+        description="Sellable inventory from the Cassandra read model fed by the "
+        "sellable_inventory topic.",
+        lifespan=lifespan,
+    )
+    app.state.table, app.state.writer, app.state.metrics = table, writer, metrics
+    install_error_handlers(app)
+
+    async def ready() -> dict[str, Any]:
+        return {
+            "ready": table.connected and writer.assigned,
+            "cassandra": table.connected,
+            "consumerAssigned": writer.assigned,
+        }
+
+    app.include_router(operations_router(ready, metrics.registry))
+    get_seconds = metrics.get_seconds
+
+    @app.get(
+        "/inventory/locations/{location}/skus/{sku}",
+        response_model=SellableInventory,
+        summary="Sellable inventory of one sku at one location",
+        responses={404: {"description": "Unknown key"}, 503: {"description": "Cassandra down"}},
+    )
+    async def get_sellable(location: str, sku: str) -> Response:
+        started = time.perf_counter()
+        try:
+            row = await table.get(location, sku)
+        except CassandraUnavailable as exc:
+            return _unavailable(exc)
+        finally:
+            get_seconds.observe(time.perf_counter() - started)
+        if row is None:
+            return error_response(
+                404, "not_found", f"no sellable inventory for location {location!r}, sku {sku!r}"
+            )
+        return _json({"locationId": location, "sku": sku, "count": row.count})
+
+    @app.get(
+        "/inventory/locations/{location}/skus",
+        response_model=LocationPage,
+        summary="The skus of a location, a page at a time",
+    )
+    async def list_location(
+        location: str,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
+        cursor: Annotated[
+            str | None, Query(description="The `next` value of the previous page.")
+        ] = None,
+    ) -> Response:
+        paging_state = None
+        if cursor is not None:
+            try:
+                paging_state = base64.urlsafe_b64decode(cursor.encode())
+            except (binascii.Error, ValueError):
+                return error_response(
+                    422,
+                    "invalid_request",
+                    "cursor: not a cursor this service returned",
+                    [{"field": "cursor", "problem": "not a cursor this service returned"}],
+                )
+        try:
+            page = await table.location(location, limit, paging_state)
+        except CassandraUnavailable as exc:
+            return _unavailable(exc)
+        return _json(
+            {
+                "locationId": location,
+                "skus": [
+                    {"locationId": location, "sku": r.sku, "count": r.count} for r in page.rows
+                ],
+                "next": base64.urlsafe_b64encode(page.next).decode() if page.next else None,
+            }
+        )
+
+    return app

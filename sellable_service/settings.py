@@ -1,0 +1,59 @@
+"""Settings of the Cassandra-backed sellable service, read from the environment."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared_schemas.settings import KafkaSettings
+from shared_schemas.topics import SELLABLE_INVENTORY
+
+
+class ServiceSettings(KafkaSettings):
+    """The read model: where Cassandra is and how the topic is consumed into it."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    service_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
+    service_port: int = Field(9093, ge=1, le=65535, description="Port of the REST API.")
+    cassandra_contact_points: str = Field(
+        "127.0.0.1", description="Cassandra hosts, comma-separated."
+    )
+    cassandra_port: int = Field(9042, ge=1, le=65535, description="Cassandra's CQL port.")
+    cassandra_protocol_version: int | None = Field(
+        None,
+        description="CQL native protocol version; unset lets the driver negotiate "
+        "(the embedded Cassandra 2.1 needs 3).",
+    )
+    cassandra_keyspace: str = Field(
+        "sellable_inventory", pattern=r"^[a-zA-Z][a-zA-Z0-9_]{0,47}$", description="Keyspace."
+    )
+    cassandra_replication: str = Field(
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}",
+        description="Replication map used when the keyspace is created.",
+    )
+    cassandra_request_timeout_seconds: float = Field(
+        2.0, gt=0, description="Longest wait for one Cassandra request (then 503 / retry)."
+    )
+    service_topic: str = Field(
+        SELLABLE_INVENTORY.name, description="Topic consumed into Cassandra (tests use their own)."
+    )
+    service_consumer_group: str = Field("sellable-service", description="Kafka consumer group.")
+    service_max_poll_interval_ms: int = Field(
+        10_000,
+        ge=1_000,
+        description="Consumer max.poll.interval.ms; short, because the embedded broker "
+        "holds a group's first join for about this long.",
+    )
+    service_batch_size: int = Field(
+        5_000, ge=1, description="Most records consumed and written as one unit."
+    )
+    service_write_concurrency: int = Field(
+        32, ge=1, description="Cassandra batches in flight at once."
+    )
+    log_level: str = Field("INFO", description="Logging level.")
+
+    @property
+    def contact_points(self) -> list[str]:
+        """``CASSANDRA_CONTACT_POINTS`` as a list."""
+        return [p.strip() for p in self.cassandra_contact_points.split(",") if p.strip()]

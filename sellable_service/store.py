@@ -1,0 +1,258 @@
+"""The Cassandra read model: schema, connection that survives Cassandra being away, queries.
+
+Example::
+
+    store = SellableTable(settings)
+    store.start()                      # connects in the background, retrying
+    row = await store.get("STL", "123123")
+
+One table, shaped for the two queries served: all skus of a location share a partition
+(``PRIMARY KEY ((location), sku))``), so the single GET and the location listing each
+read one Cassandra partition. The CQL runs on Cassandra 2.1 (the embedded one) through
+5.0: plain types, no JSON functions, no SASI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cassandra import (
+    DriverException,
+    OperationTimedOut,
+    RequestExecutionException,
+    Unavailable,
+)
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
+from cassandra.policies import ConstantReconnectionPolicy, RoundRobinPolicy
+from cassandra.query import PreparedStatement
+
+from sellable_service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+TABLE = "sellable_inventory"
+
+UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, ConnectionError)
+"""Driver errors that mean "Cassandra is not there right now" rather than a bug."""
+
+WRITE_RETRY_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException, DriverException)
+"""Errors after which the writer retries the same batch (timeouts, overload, no host)."""
+
+
+class CassandraUnavailable(Exception):
+    """Cassandra cannot answer now: not connected yet, down, or too slow."""
+
+
+@dataclass(frozen=True, slots=True)
+class SellableRow:
+    """One key's row."""
+
+    location: str
+    sku: str
+    count: int
+    on_hand: int
+    reserved: int
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a location listing; ``next`` is the opaque cursor of the next page."""
+
+    rows: list[SellableRow]
+    next: bytes | None
+
+
+def _bridge(response: ResponseFuture) -> asyncio.Future[Any]:
+    """Turn the driver's callback future into an asyncio future on the running loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def done(_rows: Any) -> None:
+        # The result is complete here; result() hands back the ResultSet with its paging state.
+        loop.call_soon_threadsafe(_settle, future, response.result(), None)
+
+    def failed(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_settle, future, None, exc)
+
+    response.add_callbacks(done, failed)
+    return future
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
+
+
+class SellableTable:
+    """The session, the schema and the prepared statements, reconnecting as needed."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self._session: Session | None = None
+        self._cluster: Cluster | None = None
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._connect_loop, name="cassandra-connect")
+        self.insert: PreparedStatement | None = None
+        self.delete: PreparedStatement | None = None
+        self._select_one: PreparedStatement | None = None
+        self._select_location: PreparedStatement | None = None
+
+    # --- connection -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; until then every query raises CassandraUnavailable."""
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (for the writer thread and tests)."""
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a session exists (Cassandra may still be down since)."""
+        return self._connected.is_set()
+
+    def _connect_loop(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self._connect()
+                return
+            except Exception as exc:
+                log.warning(
+                    "Cassandra at %s:%d not reachable (%s); retrying in %.1f s",
+                    self.settings.cassandra_contact_points,
+                    self.settings.cassandra_port,
+                    type(exc).__name__,
+                    delay,
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _connect(self) -> None:
+        s = self.settings
+        profile = ExecutionProfile(
+            load_balancing_policy=RoundRobinPolicy(),
+            request_timeout=s.cassandra_request_timeout_seconds,
+        )
+        extra: dict[str, Any] = {}
+        if s.cassandra_protocol_version is not None:
+            extra["protocol_version"] = s.cassandra_protocol_version
+        cluster = Cluster(
+            s.contact_points,
+            port=s.cassandra_port,
+            execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+            # Come back quickly after Cassandra restarts: the writer is waiting.
+            reconnection_policy=ConstantReconnectionPolicy(1.0, None),
+            connect_timeout=5,
+            **extra,
+        )
+        try:
+            session = cluster.connect()
+            self._create_schema(session)
+        except Exception:
+            cluster.shutdown()
+            raise
+        ks = s.cassandra_keyspace
+        self.insert = session.prepare(
+            f"INSERT INTO {ks}.{TABLE} (location, sku, count, on_hand, reserved, updated_at,"
+            " source_partition, source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self.delete = session.prepare(
+            f"DELETE FROM {ks}.{TABLE} USING TIMESTAMP ? WHERE location = ? AND sku = ?"
+        )
+        self._select_one = session.prepare(
+            f"SELECT location, sku, count, on_hand, reserved, updated_at FROM {ks}.{TABLE}"
+            " WHERE location = ? AND sku = ?"
+        )
+        self._select_location = session.prepare(
+            f"SELECT location, sku, count, on_hand, reserved, updated_at FROM {ks}.{TABLE}"
+            " WHERE location = ?"
+        )
+        self._cluster, self._session = cluster, session
+        self._connected.set()
+        log.info("connected to Cassandra, keyspace %s ready", ks)
+
+    def _create_schema(self, session: Session) -> None:
+        ks = self.settings.cassandra_keyspace
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = "
+            f"{self.settings.cassandra_replication}",
+            timeout=30,
+        )
+        session.execute(
+            f"""CREATE TABLE IF NOT EXISTS {ks}.{TABLE} (
+                location text,
+                sku text,
+                count bigint,
+                on_hand bigint,
+                reserved bigint,
+                updated_at bigint,
+                source_partition int,
+                source_offset bigint,
+                PRIMARY KEY ((location), sku)
+            )""",
+            timeout=30,
+        )
+
+    def session(self) -> Session:
+        """The live session; raises CassandraUnavailable before the first connection."""
+        if self._session is None:
+            raise CassandraUnavailable("not connected to Cassandra yet")
+        return self._session
+
+    def close(self) -> None:
+        """Stop reconnecting and shut the cluster down."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._cluster is not None:
+            self._cluster.shutdown()
+
+    # --- reads --------------------------------------------------------------------------
+
+    async def get(self, location: str, sku: str) -> SellableRow | None:
+        """One key's row, or None; raises CassandraUnavailable."""
+        session = self.session()
+        assert self._select_one is not None
+        try:
+            result = await _bridge(session.execute_async(self._select_one, (location, sku)))
+        except UNAVAILABLE_ERRORS as exc:
+            raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        rows = result.current_rows
+        return _row(rows[0]) if rows else None
+
+    async def location(self, location: str, limit: int, cursor: bytes | None) -> Page:
+        """One page of the skus of ``location``, in sku order; raises CassandraUnavailable."""
+        session = self.session()
+        assert self._select_location is not None
+        statement = self._select_location.bind((location,))
+        statement.fetch_size = limit
+        try:
+            result = await _bridge(session.execute_async(statement, paging_state=cursor))
+        except UNAVAILABLE_ERRORS as exc:
+            raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return Page([_row(r) for r in result.current_rows], result.paging_state)
+
+
+def _row(raw: Sequence[Any]) -> SellableRow:
+    location, sku, count, on_hand, reserved, updated_at = raw
+    return SellableRow(location, sku, count, on_hand, reserved, updated_at)
