@@ -45,6 +45,7 @@ PROTOCOL_VERSION = 3
 _OPENED_PACKAGES = (
     "java.lang",
     "java.lang.invoke",
+    "java.lang.ref",  # jamm measures prepared statements through Reference.referent
     "java.lang.reflect",
     "java.io",
     "java.net",
