@@ -62,6 +62,8 @@ class System:
     service: str
     calculators: list[str]
     process: ManagedProcess
+    replacements: list[ManagedProcess] = field(default_factory=list)
+    """Processes tests restarted in place of ones they killed; stopped at the end."""
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=15))
 
     @property
@@ -90,13 +92,32 @@ class System:
         response = self.get(base, location, sku)
         return response.json()["count"] if response.status_code == 200 else None
 
-    def all_agree(self, location: str, expected: dict[str, int]) -> bool:
-        """Whether every reader answers every sku with its expected count."""
-        return all(
-            self.count_at(base, location, sku) == count
-            for base in self.readers
-            for sku, count in expected.items()
-        )
+    def disagreements(self, location: str, expected: dict[str, int]) -> dict[str, Any]:
+        """``{"<reader> <sku>": actual}`` for every answer that differs from ``expected``."""
+        wrong: dict[str, Any] = {}
+        for base in self.readers:
+            for sku, count in expected.items():
+                actual = self.count_at(base, location, sku)
+                if actual != count:
+                    wrong[f"{base} {sku}"] = (actual, count)
+        return wrong
+
+    def wait_all_agree(
+        self, location: str, expected: dict[str, int], timeout: float = 60.0
+    ) -> None:
+        """Wait until every reader answers every sku with its expected count."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wrong = self.disagreements(location, expected)
+            if not wrong:
+                return
+            if time.monotonic() > deadline:
+                sample = dict(list(wrong.items())[:6])
+                raise AssertionError(
+                    f"{len(wrong)} answers still differ after {timeout} s "
+                    f"(reader sku: (actual, expected)): {sample}"
+                )
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -128,15 +149,19 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     ]
     process = ManagedProcess("make-up", command, env=env, log_dir=home / "logs")
     process.start()
+    system = None
     try:
         process.wait_ready(lambda: READY_BANNER in process.log_path.read_text(), timeout=240)
-        yield System(
+        system = System(
             f"http://127.0.0.1:{mutator}",
             f"http://127.0.0.1:{service}",
             [f"http://127.0.0.1:{calculator}", f"http://127.0.0.1:{calculator + 1}"],
             process,
         )
+        yield system
     finally:
+        for replacement in system.replacements if system else []:
+            replacement.stop()
         process.stop(grace=60)
 
 

@@ -259,6 +259,8 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
                 "CALCULATOR_INSTANCE_INDEX": str(index),
                 "CALCULATOR_INSTANCE_COUNT": str(args.calculators),
                 "CALCULATOR_PORT": str(port),
+                # The state belongs with this run's topics: under the stack's own home.
+                "CALCULATOR_STATE_DIR": str(state_dir() / "calculator"),
             },
             port,
             width,

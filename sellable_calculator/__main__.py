@@ -133,6 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         init_db_dir(recovery_dir, max(1, settings.calculator_workers))
         log.info("created recovery partitions in %s", recovery_dir)
     store = SellableStore(settings.instance_dir / "store")
+    ahead = {
+        f"{topic}:{partition}": (applied, end_offsets.get((topic, partition), 0))
+        for (topic, partition), applied in store.positions().items()
+        if (topic, partition) in end_offsets and applied > end_offsets[(topic, partition)]
+    }
+    if ahead:
+        # The topics are shorter than what this state has applied: the broker was reset
+        # (the embedded one keeps topics in memory). Resuming would skip new records.
+        log.error(
+            "cannot start: the state in %s has applied more than the topics hold "
+            "(partition: (applied, end offset) %s). Was the broker reset? Delete that "
+            "directory or set CALCULATOR_STATE_DIR to start from the topics.",
+            settings.instance_dir,
+            ahead,
+        )
+        store.close()
+        return 2
     progress = Progress(store.positions())
     metrics = CalculatorMetrics()
     me = InstanceInfo.of(settings)

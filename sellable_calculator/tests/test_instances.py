@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from local_stack.process import free_port
+from sellable_calculator.store import SellableStore
 from sellable_calculator.tests.conftest import (
     PARTITIONS,
     Calculator,
@@ -251,3 +258,30 @@ def test_kill_9_mid_stream_and_restart_gives_exact_values(
             lambda c=calculator: all(c.count_of(location, s) == expected[s] for s in skus),
             timeout=60,
         )
+
+
+def test_state_ahead_of_the_topics_is_refused_with_a_clear_error(
+    kafka_bootstrap: str, mutations: Mutations, tmp_path: Path
+) -> None:
+    """A store that applied more than the topics hold (a reset broker) must not resume."""
+    instance_id = f"stale-{uuid.uuid4().hex[:6]}"
+    store = SellableStore(tmp_path / instance_id / "store")
+    store.apply({}, {(INVENTORY_ADJUSTMENTS.name, 0): 10**9})
+    store.close()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "TOPIC_PARTITIONS": str(PARTITIONS),
+        "CALCULATOR_PORT": str(free_port()),
+        "CALCULATOR_INSTANCE_ID": instance_id,
+        "CALCULATOR_STATE_DIR": str(tmp_path),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "sellable_calculator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Was the broker reset?" in result.stderr
