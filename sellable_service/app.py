@@ -12,8 +12,6 @@ consumes ``sellable_inventory`` into it; both stop with the app.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +42,9 @@ class LocationPage(BaseModel):
 
     locationId: str
     skus: list[SellableInventory]
-    next: str | None = Field(description="Pass as `cursor` for the next page; null at the end.")
+    next: str | None = Field(
+        description="Pass as `after` to get the next page; null on the last page."
+    )
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -116,23 +116,12 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
     async def list_location(
         location: str,
         limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
-        cursor: Annotated[
-            str | None, Query(description="The `next` value of the previous page.")
-        ] = None,
+        after: Annotated[
+            str, Query(max_length=128, description="The `next` value of the previous page.")
+        ] = "",
     ) -> Response:
-        paging_state = None
-        if cursor is not None:
-            try:
-                paging_state = base64.urlsafe_b64decode(cursor.encode())
-            except (binascii.Error, ValueError):
-                return error_response(
-                    422,
-                    "invalid_request",
-                    "cursor: not a cursor this service returned",
-                    [{"field": "cursor", "problem": "not a cursor this service returned"}],
-                )
         try:
-            page = await table.location(location, limit, paging_state)
+            page = await table.location(location, limit, after)
         except CassandraUnavailable as exc:
             return _unavailable(exc)
         return _json(
@@ -141,7 +130,7 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
                 "skus": [
                     {"locationId": location, "sku": r.sku, "count": r.count} for r in page.rows
                 ],
-                "next": base64.urlsafe_b64encode(page.next).decode() if page.next else None,
+                "next": page.next,
             }
         )
 

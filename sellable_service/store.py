@@ -69,10 +69,10 @@ class SellableRow:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a location listing; ``next`` is the opaque cursor of the next page."""
+    """One page of a location listing; ``next`` is the sku the next page starts after."""
 
     rows: list[SellableRow]
-    next: bytes | None
+    next: str | None
 
 
 def _bridge(response: ResponseFuture) -> asyncio.Future[Any]:
@@ -185,7 +185,7 @@ class SellableTable:
         )
         self._select_location = session.prepare(
             f"SELECT location, sku, count, on_hand, reserved, updated_at FROM {ks}.{TABLE}"
-            " WHERE location = ?"
+            " WHERE location = ? AND sku > ? LIMIT ?"
         )
         self._cluster, self._session = cluster, session
         self._connected.set()
@@ -240,17 +240,25 @@ class SellableTable:
         rows = result.current_rows
         return _row(rows[0]) if rows else None
 
-    async def location(self, location: str, limit: int, cursor: bytes | None) -> Page:
-        """One page of the skus of ``location``, in sku order; raises CassandraUnavailable."""
+    async def location(self, location: str, limit: int, after: str = "") -> Page:
+        """Up to ``limit`` skus of ``location`` after the sku ``after``, in sku order.
+
+        Keyset paging on the clustering column: the cursor is simply the last sku of the
+        previous page, so it is stateless, readable, and cannot be forged into anything
+        but another starting point.
+        """
         session = self.session()
         assert self._select_location is not None
-        statement = self._select_location.bind((location,))
-        statement.fetch_size = limit
         try:
-            result = await _bridge(session.execute_async(statement, paging_state=cursor))
+            result = await _bridge(
+                session.execute_async(self._select_location, (location, after, limit + 1))
+            )
         except UNAVAILABLE_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return Page([_row(r) for r in result.current_rows], result.paging_state)
+        rows = [_row(r) for r in result.current_rows]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page(rows, rows[-1].sku if more else None)
 
 
 def _row(raw: Sequence[Any]) -> SellableRow:

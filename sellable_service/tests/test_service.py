@@ -1,0 +1,286 @@
+"""The service against the real embedded broker and Cassandra."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+from fastapi.testclient import TestClient
+
+from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra
+from local_stack.process import free_port
+from local_stack.pytest_plugin import CassandraEndpoint
+from sellable_service.app import create_app
+from sellable_service.settings import ServiceSettings
+from sellable_service.writer import Upsert
+from shared_schemas import encode_key, partition_for, value_serde
+from shared_schemas.schemas import SELLABLE_INVENTORY
+from shared_schemas.topics import TopicSpec, ensure_topics
+
+PARTITIONS = 6
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s; last result: {last!r}")
+
+
+class Publisher:
+    """Writes sellable values the way the calculator does (same key, partition, serde)."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self._serde = value_serde(SELLABLE_INVENTORY, topic)
+
+    def send(self, location: str, sku: str, count: int, on_hand: int | None = None) -> None:
+        key = encode_key(location, sku)
+        value = self._serde.serialize(
+            {
+                "count": count,
+                "on_hand": count if on_hand is None else on_hand,
+                "reserved": 0 if on_hand is None else on_hand - count,
+                "updated_at": int(time.time() * 1000),
+            }
+        )
+        self._producer.produce(self.topic, value, key, partition=partition_for(key, PARTITIONS))
+
+    def raw(self, key: bytes | None, value: bytes | None, partition: int = 0) -> None:
+        self._producer.produce(self.topic, value, key, partition=partition)
+
+    def flush(self) -> None:
+        assert self._producer.flush(30) == 0
+
+    def close(self) -> None:
+        self.flush()
+        del self._producer
+
+
+def _settings(
+    bootstrap: str, cassandra: CassandraEndpoint, topic: str, keyspace: str, **extra: Any
+) -> ServiceSettings:
+    return ServiceSettings(
+        kafka_bootstrap_servers=bootstrap,
+        cassandra_contact_points=",".join(cassandra.contact_points),
+        cassandra_port=cassandra.port,
+        cassandra_protocol_version=cassandra.protocol_version,
+        cassandra_keyspace=keyspace,
+        service_topic=topic,
+        service_consumer_group=f"group-{uuid.uuid4().hex[:8]}",
+        topic_partitions=PARTITIONS,
+        **extra,
+    )
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str) -> str:
+    spec = TopicSpec(f"sellable-test-{uuid.uuid4().hex[:8]}", "test", {"cleanup.policy": "compact"})
+    ensure_topics(AdminClient({"bootstrap.servers": kafka_bootstrap}), PARTITIONS, [spec])
+    return spec.name
+
+
+@pytest.fixture
+def publisher(kafka_bootstrap: str, topic: str) -> Iterator[Publisher]:
+    writer = Publisher(kafka_bootstrap, topic)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture
+def keyspace() -> str:
+    return f"test_{uuid.uuid4().hex[:10]}"
+
+
+def _count(client: TestClient, location: str, sku: str) -> int | None:
+    response = client.get(f"/inventory/locations/{location}/skus/{sku}")
+    return response.json()["count"] if response.status_code == 200 else None
+
+
+def _metric(client: TestClient, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_records_appear_in_cassandra_and_through_get(
+    kafka_bootstrap: str,
+    cassandra_endpoint: CassandraEndpoint,
+    topic: str,
+    keyspace: str,
+    publisher: Publisher,
+) -> None:
+    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    with TestClient(create_app(settings)) as client:
+        publisher.send("STL", "123123", 90, on_hand=100)
+        publisher.send("KC", "1", 5)
+        publisher.flush()
+        wait_until(lambda: _count(client, "STL", "123123") == 90)
+        assert client.get("/inventory/locations/STL/skus/123123").json() == {
+            "locationId": "STL",
+            "sku": "123123",
+            "count": 90,
+        }
+        row = (
+            client.app.state.table.session()
+            .execute(  # type: ignore[attr-defined]
+                f"SELECT on_hand, reserved, source_offset FROM {keyspace}.sellable_inventory "
+                "WHERE location = 'STL' AND sku = '123123'"
+            )
+            .one()
+        )
+        assert (row.on_hand, row.reserved, row.source_offset) == (100, 10, 0)
+        missing = client.get("/inventory/locations/STL/skus/nope")
+        assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+        wait_until(lambda: client.get("/health/ready").status_code == 200)
+
+
+def test_location_listing_pages(
+    kafka_bootstrap: str,
+    cassandra_endpoint: CassandraEndpoint,
+    topic: str,
+    keyspace: str,
+    publisher: Publisher,
+) -> None:
+    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    expected = {f"sku-{i:02d}": i for i in range(25)}
+    with TestClient(create_app(settings)) as client:
+        for sku, count in expected.items():
+            publisher.send("PAGED", sku, count)
+        publisher.send("OTHER", "sku-00", 999)
+        publisher.flush()
+        wait_until(lambda: all(_count(client, "PAGED", s) == c for s, c in expected.items()))
+        seen: list[dict[str, Any]] = []
+        after = ""
+        sizes = []
+        while True:
+            body = client.get(
+                "/inventory/locations/PAGED/skus", params={"limit": 10, "after": after}
+            ).json()
+            sizes.append(len(body["skus"]))
+            seen.extend(body["skus"])
+            if body["next"] is None:
+                break
+            after = body["next"]
+        assert sizes == [10, 10, 5]
+        assert [item["sku"] for item in seen] == sorted(expected)
+        assert {item["sku"]: item["count"] for item in seen} == expected
+        exact = client.get("/inventory/locations/PAGED/skus", params={"limit": 25}).json()
+        assert (len(exact["skus"]), exact["next"]) == (25, None)
+        bad = client.get("/inventory/locations/PAGED/skus", params={"limit": 0})
+        assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "limit")
+
+
+def test_replayed_and_reordered_records_do_not_regress(
+    kafka_bootstrap: str,
+    cassandra_endpoint: CassandraEndpoint,
+    topic: str,
+    keyspace: str,
+    publisher: Publisher,
+) -> None:
+    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    for count in (10, 20, 30):
+        publisher.send("REPLAY", "a", count)
+    publisher.flush()
+    with TestClient(create_app(settings)) as client:
+        wait_until(lambda: _count(client, "REPLAY", "a") == 30)
+        # An older record arriving after a newer one (as after a rebalance) loses.
+        writer = client.app.state.writer  # type: ignore[attr-defined]
+        writer._write(
+            [
+                Upsert(
+                    "REPLAY", "a", {"count": 1, "on_hand": 1, "reserved": 0, "updated_at": 0}, 0, 1
+                )
+            ]
+        )
+        assert _count(client, "REPLAY", "a") == 30
+    # A whole replay of the topic by a fresh consumer group into the same table.
+    replay = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    with TestClient(create_app(replay)) as client:
+        wait_until(lambda: _metric(client, "service_rows_written_total") >= 1)
+        assert _count(client, "REPLAY", "a") == 30
+        publisher.send("REPLAY", "a", 40)
+        publisher.flush()
+        wait_until(lambda: _count(client, "REPLAY", "a") == 40)
+
+
+def test_undecodable_records_are_skipped_and_counted(
+    kafka_bootstrap: str,
+    cassandra_endpoint: CassandraEndpoint,
+    topic: str,
+    keyspace: str,
+    publisher: Publisher,
+) -> None:
+    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    key = encode_key("BAD", "x")
+    partition = partition_for(key, PARTITIONS)
+    publisher.raw(key, b"not avro", partition)
+    publisher.raw(b"\xff\xff", b"x", partition)
+    publisher.raw(None, b"x", partition)
+    publisher.send("BAD", "x", 7)
+    publisher.flush()
+    with TestClient(create_app(settings)) as client:
+        wait_until(lambda: _count(client, "BAD", "x") == 7)
+        assert _metric(client, "service_undecodable_records_total") == 3
+
+
+def test_cassandra_down_and_back_mid_stream(
+    kafka_bootstrap: str, topic: str, keyspace: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    cassandra = EmbeddedCassandra(
+        port=free_port(), data_dir=tmp_path / "data", fresh=True, log_dir=tmp_path
+    )
+    cassandra.start()
+    try:
+        endpoint = CassandraEndpoint(cassandra.contact_points, cassandra.port, PROTOCOL_VERSION)
+        settings = _settings(
+            kafka_bootstrap, endpoint, topic, keyspace, cassandra_request_timeout_seconds=1.0
+        )
+        with TestClient(create_app(settings)) as client:
+            for i in range(50):
+                publisher.send("DOWN", f"sku-{i}", i)
+            publisher.flush()
+            wait_until(lambda: _count(client, "DOWN", "sku-49") == 49, timeout=60)
+
+            cassandra.stop()
+            started = time.monotonic()
+            response = client.get("/inventory/locations/DOWN/skus/sku-1")
+            assert response.status_code == 503
+            assert response.json()["error"] == "cassandra_unavailable"
+            assert time.monotonic() - started < 5
+            for i in range(50, 120):  # written while Cassandra is away
+                publisher.send("DOWN", f"sku-{i}", i)
+            publisher.flush()
+            wait_until(lambda: _metric(client, "service_write_failures_total") >= 1, timeout=30)
+
+            cassandra.start()
+            wait_until(
+                lambda: all(_count(client, "DOWN", f"sku-{i}") == i for i in range(120)),
+                timeout=90,
+            )
+    finally:
+        cassandra.stop()
+
+
+def test_service_starts_while_cassandra_is_down_and_answers_503(
+    kafka_bootstrap: str, topic: str, keyspace: str
+) -> None:
+    nowhere = CassandraEndpoint(["127.0.0.1"], free_port(), PROTOCOL_VERSION)
+    settings = _settings(kafka_bootstrap, nowhere, topic, keyspace)
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/inventory/locations/STL/skus/1")
+        assert (response.status_code, response.json()["error"]) == (503, "cassandra_unavailable")
+        assert client.get("/health/ready").status_code == 503
+        assert client.get("/health/live").status_code == 200
