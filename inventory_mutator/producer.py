@@ -53,7 +53,7 @@ class AsyncProducer:
             {
                 "enable.idempotence": True,
                 "acks": "all",
-                "linger.ms": 1,
+                "linger.ms": 0,
                 **config,
             }
         )

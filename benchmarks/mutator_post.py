@@ -1,0 +1,76 @@
+"""Single-request POST throughput and latency of the mutator, next to bare FastAPI.
+
+    .venv/bin/python -m benchmarks.mutator_post [--seconds 10] [--concurrency 32]
+
+Starts an embedded broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), the mutator with one
+uvicorn worker, and a bare FastAPI app whose POST only parses the JSON and answers. Both
+get the same ``wrk`` load: one adjustment per request, each waiting for the broker's
+acknowledgement (``acks=all``, idempotent producer). The issue's target: >= 0.7 of bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+
+import httpx
+from confluent_kafka.admin import AdminClient
+
+from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
+from local_stack.broker import EmbeddedBroker
+from local_stack.process import ManagedProcess, free_port
+from shared_schemas.topics import ensure_topics
+
+BODY = '{"locationId":"STL","sku":"123123","count":"1"}'
+
+
+def main() -> None:
+    """Start the broker, the mutator and the baseline; load each; print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), 6)
+        port = free_port()
+        mutator = stack.enter_context(
+            ManagedProcess(
+                "mutator",
+                [sys.executable, "-m", "inventory_mutator"],
+                env={
+                    **os.environ,
+                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                    "MUTATOR_PORT": str(port),
+                    "LOG_LEVEL": "WARNING",
+                },
+            )
+        )
+        mutator.start()
+        url = f"http://127.0.0.1:{port}"
+        mutator.wait_ready(lambda: httpx.get(url + "/health/ready").status_code == 200, 60)
+        print(f"wrk, {args.concurrency} connections, {args.seconds:g} s each, one uvicorn worker")
+        with bare_fastapi() as bare_url:
+            bare = run_wrk(
+                bare_url + "/inventory/adjustment",
+                args.concurrency,
+                args.seconds,
+                method="POST",
+                body=BODY,
+            )
+        measured = run_wrk(
+            url + "/inventory/adjustment", args.concurrency, args.seconds, method="POST", body=BODY
+        )
+    print(TABLE_HEADER)
+    print(bare.row("bare FastAPI POST (baseline)"))
+    print(measured.row("mutator POST /inventory/adjustment"))
+    ratio = measured.requests_per_second / bare.requests_per_second
+    print(f"ratio mutator/bare: {ratio:.2f} (target >= 0.7)")
+
+
+if __name__ == "__main__":
+    main()

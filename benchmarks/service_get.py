@@ -1,0 +1,165 @@
+"""GET throughput of the Cassandra-backed service, next to bare FastAPI and raw driver reads.
+
+    .venv/bin/python -m benchmarks.service_get [--seconds 10] [--concurrency 32]
+
+Starts an embedded broker and Cassandra (or uses ``KAFKA_BOOTSTRAP_SERVERS`` /
+``CASSANDRA_CONTACT_POINTS``), the service with one uvicorn worker and a bare FastAPI
+app, writes one key, then measures in the same run:
+
+* **bare FastAPI**: a handler that only returns the JSON (wrk);
+* **service**: ``GET /inventory/locations/STL/skus/123123`` (wrk);
+* **raw driver**: the same prepared SELECT with ``execute_async``, 32 in flight, from
+  one Python process: what Cassandra itself delivers to a Python client here.
+
+The issue's target: service >= 0.6 of bare FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.policies import RoundRobinPolicy
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
+from local_stack.broker import EmbeddedBroker
+from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra, external_cassandra
+from local_stack.process import ManagedProcess, free_port
+from shared_schemas import encode_key, partition_for, value_serde
+from shared_schemas.schemas import SELLABLE_INVENTORY
+from shared_schemas.topics import SELLABLE_INVENTORY as TOPIC
+from shared_schemas.topics import ensure_topics
+
+
+def raw_driver_reads(
+    points: list[str], port: int, version: int | None, keyspace: str, seconds: float
+) -> float:
+    """Reads/s of the prepared single-row SELECT with 32 requests in flight."""
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+    extra = {"protocol_version": version} if version else {}
+    cluster = Cluster(
+        points, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **extra
+    )
+    session = cluster.connect()
+    select = session.prepare(
+        f"SELECT count FROM {keyspace}.sellable_inventory WHERE location = ? AND sku = ?"
+    )
+    done = 0
+    finished = threading.Event()
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    in_flight = 32
+
+    def fire() -> None:
+        future = session.execute_async(select, ("STL", "123123"))
+        future.add_callbacks(on_done, on_error)
+
+    def on_done(_rows: object) -> None:
+        nonlocal done, in_flight
+        with lock:
+            done += 1
+        if time.monotonic() < deadline:
+            fire()
+        else:
+            with lock:
+                in_flight -= 1
+                if in_flight == 0:
+                    finished.set()
+
+    def on_error(exc: BaseException) -> None:
+        on_done(None)
+
+    started = time.monotonic()
+    for _ in range(32):
+        fire()
+    finished.wait(seconds + 30)
+    elapsed = time.monotonic() - started
+    cluster.shutdown()
+    return done / elapsed
+
+
+def main() -> None:
+    """Start everything, measure the three, print the table and the ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    keyspace = f"bench_{uuid.uuid4().hex[:8]}"
+    with ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        external = external_cassandra()
+        if external:
+            points, cql_port = external
+            configured = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
+            version = int(configured) if configured else None
+        else:
+            data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            cassandra = stack.enter_context(
+                EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
+            )
+            points, cql_port, version = cassandra.contact_points, cassandra.port, PROTOCOL_VERSION
+        ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), 6)
+        producer = Producer({"bootstrap.servers": bootstrap})
+        key = encode_key("STL", "123123")
+        producer.produce(
+            TOPIC.name,
+            value_serde(SELLABLE_INVENTORY, TOPIC.name).serialize(
+                {"count": 90, "on_hand": 100, "reserved": 10, "updated_at": 0}
+            ),
+            key,
+            partition=partition_for(key, 6),
+        )
+        producer.flush(10)
+        port = free_port()
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "SERVICE_PORT": str(port),
+            "CASSANDRA_CONTACT_POINTS": ",".join(points),
+            "CASSANDRA_PORT": str(cql_port),
+            "CASSANDRA_KEYSPACE": keyspace,
+            "SERVICE_CONSUMER_GROUP": f"bench-{keyspace}",
+            "LOG_LEVEL": "WARNING",
+        }
+        if version:
+            env["CASSANDRA_PROTOCOL_VERSION"] = str(version)
+        service = stack.enter_context(
+            ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
+        )
+        service.start()
+        url = f"http://127.0.0.1:{port}/inventory/locations/STL/skus/123123"
+        service.wait_ready(lambda: httpx.get(url).status_code == 200, 90)
+
+        print(f"wrk, {args.concurrency} connections, {args.seconds:g} s each, one uvicorn worker")
+        with bare_fastapi() as bare_url:
+            bare = run_wrk(
+                bare_url + "/inventory/locations/STL/skus/123123", args.concurrency, args.seconds
+            )
+        measured = run_wrk(url, args.concurrency, args.seconds)
+        raw = raw_driver_reads(points, cql_port, version, keyspace, args.seconds)
+    print(TABLE_HEADER)
+    print(bare.row("bare FastAPI (baseline)"))
+    print(measured.row("service GET (Cassandra)"))
+    print(f"{'raw driver execute_async, 32 in flight':<34}{raw:>10,.0f}")
+    base = bare.requests_per_second
+    print(
+        f"ratio service/bare: {measured.requests_per_second / base:.2f} (target >= 0.6)   "
+        f"service/raw driver: {measured.requests_per_second / raw:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

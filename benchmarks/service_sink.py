@@ -1,0 +1,145 @@
+"""Sink throughput: how fast the service drains a pre-filled ``sellable_inventory`` into Cassandra.
+
+    .venv/bin/python -m benchmarks.service_sink [--records 200000] [--skus-per-location 100]
+
+Fills a fresh topic with distinct keys (so every record is one row to write), starts
+the service, and measures rows written per second from its first write to its last,
+read off its metrics. A raw confluent-kafka consume of the same topic runs first, in the
+same run, as the baseline. The issue's target: >= 20,000 records/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from local_stack.broker import EmbeddedBroker
+from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra, external_cassandra
+from local_stack.process import ManagedProcess, free_port
+from shared_schemas import encode_key, partition_for, value_serde
+from shared_schemas.schemas import SELLABLE_INVENTORY
+from shared_schemas.topics import TopicSpec, ensure_topics
+
+PARTITIONS = 6
+
+
+def _metric(client: httpx.Client, url: str, name: str) -> float:
+    for line in client.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def main() -> None:
+    """Fill, measure the baseline and the sink, print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--skus-per-location", type=int, default=100)
+    args = parser.parse_args()
+    topic = TopicSpec(
+        f"sink-bench-{uuid.uuid4().hex[:6]}", "benchmark", {"cleanup.policy": "compact"}
+    )
+    with ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        external = external_cassandra()
+        if external:
+            points, cql_port = external
+            configured = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
+            version = int(configured) if configured else None
+        else:
+            data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            cassandra = stack.enter_context(
+                EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
+            )
+            points, cql_port, version = cassandra.contact_points, cassandra.port, PROTOCOL_VERSION
+        ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS, [topic])
+
+        producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "linger.ms": 20,
+                "queue.buffering.max.messages": 1_000_000,
+            }
+        )
+        serde = value_serde(SELLABLE_INVENTORY, topic.name)
+        started = time.perf_counter()
+        for i in range(args.records):
+            key = encode_key(f"LOC{i // args.skus_per_location}", f"sku-{i}")
+            value = serde.serialize({"count": i, "on_hand": i, "reserved": 0, "updated_at": i})
+            while True:
+                try:
+                    producer.produce(
+                        topic.name, value, key, partition=partition_for(key, PARTITIONS)
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.01)
+        producer.flush(120)
+        print(f"filled {args.records:,} records in {time.perf_counter() - started:.1f} s")
+
+        consumer = Consumer(
+            {"bootstrap.servers": bootstrap, "group.id": "raw", "enable.auto.commit": False}
+        )
+        consumer.assign([TopicPartition(topic.name, p, 0) for p in range(PARTITIONS)])
+        seen, started = 0, time.perf_counter()
+        while seen < args.records:
+            seen += sum(1 for m in consumer.consume(10_000, 1.0) if m.error() is None)
+        baseline = args.records / (time.perf_counter() - started)
+        consumer.close()
+
+        port = free_port()
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "SERVICE_PORT": str(port),
+            "SERVICE_TOPIC": topic.name,
+            "SERVICE_CONSUMER_GROUP": f"bench-{topic.name}",
+            "CASSANDRA_CONTACT_POINTS": ",".join(points),
+            "CASSANDRA_PORT": str(cql_port),
+            "CASSANDRA_KEYSPACE": f"bench_{uuid.uuid4().hex[:8]}",
+            "LOG_LEVEL": "WARNING",
+        }
+        if version:
+            env["CASSANDRA_PROTOCOL_VERSION"] = str(version)
+        service = stack.enter_context(
+            ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
+        )
+        service.start()
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(timeout=5) as client:
+            service.wait_ready(lambda: client.get(url + "/health/live").status_code == 200, 60)
+            first_at, first = None, 0.0
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                written = _metric(client, url, "service_rows_written_total")
+                now = time.perf_counter()
+                if first_at is None and written > 0:
+                    first_at, first = now, written
+                if written >= args.records:
+                    break
+                print(f"\r  written {written:,.0f}/{args.records:,}", end="", flush=True)
+                time.sleep(0.05)
+            else:
+                sys.exit("error: the service did not drain the topic within 10 minutes")
+        assert first_at is not None
+        sink = (args.records - first) / max(now - first_at, 1e-9)
+    print(f"\n{'':36}{'records/s':>12}")
+    print(f"{'raw confluent-kafka consume':36}{baseline:>12,.0f}")
+    print(f"{'service: consume + write Cassandra':36}{sink:>12,.0f}")
+    print(f"ratio sink/raw: {sink / baseline:.2f}   target: >= 20,000 records/s")
+
+
+if __name__ == "__main__":
+    main()
