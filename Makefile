@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install fetch lint format bench-calculator bench-mutator bench-service clean
+.PHONY: up test install fetch lint format wrk bench-calculator bench-mutator bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -39,14 +39,18 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench-calculator: fetch
+# The load generator: wrk, from Debian's packages.
+wrk:
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+
+bench-calculator: fetch wrk
 	$(PY) -m benchmarks.calculator_drain
 	$(PY) -m benchmarks.calculator_get
 
-bench-mutator: fetch
+bench-mutator: fetch wrk
 	$(PY) -m benchmarks.mutator_post
 
-bench-service: fetch
+bench-service: fetch wrk
 	$(PY) -m benchmarks.service_sink
 	$(PY) -m benchmarks.service_get
 
