@@ -26,7 +26,7 @@ import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from local_stack.broker import EmbeddedBroker
+from benchmarks import infra
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -140,10 +140,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=5_000)
     args = parser.parse_args()
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            broker = stack.enter_context(EmbeddedBroker(port=free_port()))
-            bootstrap = broker.bootstrap_servers
+        bootstrap = infra.kafka(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS)
         fill(bootstrap, args.records, args.keys)
         baseline = raw_consume(bootstrap, args.records)

@@ -27,8 +27,8 @@ import httpx
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from benchmarks import infra
 from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
-from local_stack.broker import EmbeddedBroker
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -52,9 +52,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        bootstrap = infra.kafka(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS)
         state = stack.enter_context(tempfile.TemporaryDirectory())
         run = uuid.uuid4().hex[:6]

@@ -18,8 +18,8 @@ from contextlib import ExitStack
 import httpx
 from confluent_kafka.admin import AdminClient
 
+from benchmarks import infra
 from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
-from local_stack.broker import EmbeddedBroker
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas.topics import ensure_topics
 
@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+        bootstrap = infra.kafka(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), 6)
         port = free_port()
         mutator = stack.enter_context(

@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
@@ -32,9 +30,9 @@ from cassandra.policies import RoundRobinPolicy
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from benchmarks import infra
 from benchmarks.load import TABLE_HEADER, bare_fastapi, run_wrk
-from local_stack.broker import EmbeddedBroker
-from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra, external_cassandra
+from local_stack.cassandra import CassandraEndpoint
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
@@ -42,14 +40,16 @@ from shared_schemas.topics import SELLABLE_INVENTORY as TOPIC
 from shared_schemas.topics import ensure_topics
 
 
-def raw_driver_reads(
-    points: list[str], port: int, version: int | None, keyspace: str, seconds: float
-) -> float:
+def raw_driver_reads(endpoint: CassandraEndpoint, keyspace: str, seconds: float) -> float:
     """Reads/s of the prepared single-row SELECT with 32 requests in flight."""
     profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+    version = endpoint.protocol_version
     extra = {"protocol_version": version} if version else {}
     cluster = Cluster(
-        points, port=port, execution_profiles={EXEC_PROFILE_DEFAULT: profile}, **extra
+        endpoint.contact_points,
+        port=endpoint.port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        **extra,
     )
     session = cluster.connect()
     select = session.prepare(
@@ -97,20 +97,8 @@ def main() -> None:
     args = parser.parse_args()
     keyspace = f"bench_{uuid.uuid4().hex[:8]}"
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
-        external = external_cassandra()
-        if external:
-            points, cql_port = external
-            configured = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
-            version = int(configured) if configured else None
-        else:
-            data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            cassandra = stack.enter_context(
-                EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
-            )
-            points, cql_port, version = cassandra.contact_points, cassandra.port, PROTOCOL_VERSION
+        bootstrap = infra.kafka(stack)
+        endpoint = infra.cassandra(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), 6)
         producer = Producer({"bootstrap.servers": bootstrap})
         key = encode_key("STL", "123123")
@@ -127,15 +115,12 @@ def main() -> None:
         env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            **infra.service_env(endpoint),
             "SERVICE_PORT": str(port),
-            "CASSANDRA_CONTACT_POINTS": ",".join(points),
-            "CASSANDRA_PORT": str(cql_port),
             "CASSANDRA_KEYSPACE": keyspace,
             "SERVICE_CONSUMER_GROUP": f"bench-{keyspace}",
             "LOG_LEVEL": "WARNING",
         }
-        if version:
-            env["CASSANDRA_PROTOCOL_VERSION"] = str(version)
         service = stack.enter_context(
             ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
         )
@@ -149,7 +134,7 @@ def main() -> None:
                 bare_url + "/inventory/locations/STL/skus/123123", args.concurrency, args.seconds
             )
         measured = run_wrk(url, args.concurrency, args.seconds)
-        raw = raw_driver_reads(points, cql_port, version, keyspace, args.seconds)
+        raw = raw_driver_reads(endpoint, keyspace, args.seconds)
     print(TABLE_HEADER)
     print(bare.row("bare FastAPI (baseline)"))
     print(measured.row("service GET (Cassandra)"))

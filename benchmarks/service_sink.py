@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from local_stack.broker import EmbeddedBroker
-from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra, external_cassandra
+from benchmarks import infra
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
@@ -50,20 +47,8 @@ def main() -> None:
         f"sink-bench-{uuid.uuid4().hex[:6]}", "benchmark", {"cleanup.policy": "compact"}
     )
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if not bootstrap:
-            bootstrap = stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
-        external = external_cassandra()
-        if external:
-            points, cql_port = external
-            configured = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
-            version = int(configured) if configured else None
-        else:
-            data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            cassandra = stack.enter_context(
-                EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
-            )
-            points, cql_port, version = cassandra.contact_points, cassandra.port, PROTOCOL_VERSION
+        bootstrap = infra.kafka(stack)
+        endpoint = infra.cassandra(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS, [topic])
 
         producer = Producer(
@@ -106,13 +91,10 @@ def main() -> None:
             "SERVICE_PORT": str(port),
             "SERVICE_TOPIC": topic.name,
             "SERVICE_CONSUMER_GROUP": f"bench-{topic.name}",
-            "CASSANDRA_CONTACT_POINTS": ",".join(points),
-            "CASSANDRA_PORT": str(cql_port),
+            **infra.service_env(endpoint),
             "CASSANDRA_KEYSPACE": f"bench_{uuid.uuid4().hex[:8]}",
             "LOG_LEVEL": "WARNING",
         }
-        if version:
-            env["CASSANDRA_PROTOCOL_VERSION"] = str(version)
         service = stack.enter_context(
             ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
         )

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 
-from integration_tests.conftest import PARTITIONS, System, wait_until
+from integration_tests.conftest import PARTITIONS, System
 from local_stack.process import ManagedProcess
+from local_stack.testing import wait_until
 from shared_schemas import encode_key, partition_for
 
 

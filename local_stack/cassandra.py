@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -66,6 +67,16 @@ _LOGBACK = """<configuration>
   <root level="INFO"><appender-ref ref="STDOUT" /></root>
 </configuration>
 """
+
+
+@dataclass(frozen=True)
+class CassandraEndpoint:
+    """Where a Cassandra is, as clients need it."""
+
+    contact_points: list[str]
+    port: int
+    protocol_version: int | None
+    """3 for the embedded 2.1; ``None`` lets the driver negotiate with an external server."""
 
 
 def distribution_dir() -> Path:

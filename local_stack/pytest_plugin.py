@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
 from local_stack.broker import EmbeddedBroker, external_kafka
-from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra, external_cassandra
+from local_stack.cassandra import (
+    PROTOCOL_VERSION,
+    CassandraEndpoint,
+    EmbeddedCassandra,
+    external_cassandra,
+)
 from local_stack.paths import state_dir
 from local_stack.process import free_port
-
-
-@dataclass(frozen=True)
-class CassandraEndpoint:
-    """Where a test's Cassandra is."""
-
-    contact_points: list[str]
-    port: int
-    protocol_version: int | None
-    """3 for the embedded 2.1; ``None`` lets the driver negotiate with an external server."""
 
 
 @pytest.fixture(scope="session")

@@ -139,17 +139,15 @@ def main(argv: list[str] | None = None) -> int:
         if (topic, partition) in end_offsets and applied > end_offsets[(topic, partition)]
     }
     if ahead:
-        # The topics are shorter than what this state has applied: the broker was reset
-        # (the embedded one keeps topics in memory). Resuming would skip new records.
-        log.error(
-            "cannot start: the state in %s has applied more than the topics hold "
-            "(partition: (applied, end offset) %s). Was the broker reset? Delete that "
-            "directory or set CALCULATOR_STATE_DIR to start from the topics.",
+        # A warning, not a refusal: the embedded broker was seen reporting end offsets a
+        # few records behind what consumers had already read, so "ahead" is only a hint.
+        log.warning(
+            "the state in %s has applied more than the topics seem to hold "
+            "(partition: (applied, end offset) %s). Was the broker reset? If so, stop, "
+            "delete that directory (or set CALCULATOR_STATE_DIR) and start again.",
             settings.instance_dir,
             ahead,
         )
-        store.close()
-        return 2
     progress = Progress(store.positions())
     metrics = CalculatorMetrics()
     me = InstanceInfo.of(settings)

@@ -14,13 +14,13 @@ from cassandra.policies import RoundRobinPolicy
 
 from local_stack.cassandra import (
     PROTOCOL_VERSION,
+    CassandraEndpoint,
     EmbeddedCassandra,
     cql_answers,
     ensure_cassandra_distribution,
     external_cassandra,
 )
 from local_stack.process import PrerequisiteError, free_port, port_in_use
-from local_stack.pytest_plugin import CassandraEndpoint
 from local_stack.tests._util import gone
 
 # Bounded: one start is about 5-10 s here; a stuck one fails on the readiness timeout.

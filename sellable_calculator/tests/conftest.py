@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,27 +17,13 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from local_stack.process import ManagedProcess, free_port
+from local_stack.testing import wait_until
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.positions import Position
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, ensure_topics
 
 PARTITIONS = 6
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except httpx.HTTPError as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s; last result: {last!r}")
 
 
 class Mutations:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from local_stack.process import free_port
+from local_stack.process import ManagedProcess, free_port
 from sellable_calculator.store import SellableStore
 from sellable_calculator.tests.conftest import (
     PARTITIONS,
@@ -260,28 +259,27 @@ def test_kill_9_mid_stream_and_restart_gives_exact_values(
         )
 
 
-def test_state_ahead_of_the_topics_is_refused_with_a_clear_error(
+def test_state_ahead_of_the_topics_is_reported(
     kafka_bootstrap: str, mutations: Mutations, tmp_path: Path
 ) -> None:
-    """A store that applied more than the topics hold (a reset broker) must not resume."""
+    """A store that applied far more than the topics hold (a reset broker) is called out."""
     instance_id = f"stale-{uuid.uuid4().hex[:6]}"
     store = SellableStore(tmp_path / instance_id / "store")
     store.apply({}, {(INVENTORY_ADJUSTMENTS.name, 0): 10**9})
     store.close()
+    port = free_port()
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
         "TOPIC_PARTITIONS": str(PARTITIONS),
-        "CALCULATOR_PORT": str(free_port()),
+        "CALCULATOR_PORT": str(port),
         "CALCULATOR_INSTANCE_ID": instance_id,
         "CALCULATOR_STATE_DIR": str(tmp_path),
     }
-    result = subprocess.run(
-        [sys.executable, "-m", "sellable_calculator"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    process = ManagedProcess(
+        instance_id, [sys.executable, "-m", "sellable_calculator"], env=env, log_dir=tmp_path
     )
-    assert result.returncode == 2
-    assert "Was the broker reset?" in result.stderr
+    with process:
+        process.start()
+        process.wait_ready(lambda: "Was the broker reset?" in process.log_tail(40), timeout=60)
+        assert "inventory_adjustments:0" in process.log_tail(40)

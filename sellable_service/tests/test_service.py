@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,9 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from fastapi.testclient import TestClient
 
-from local_stack.cassandra import PROTOCOL_VERSION, EmbeddedCassandra
+from local_stack.cassandra import PROTOCOL_VERSION, CassandraEndpoint, EmbeddedCassandra
 from local_stack.process import free_port
-from local_stack.pytest_plugin import CassandraEndpoint
+from local_stack.testing import wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
 from sellable_service.writer import Upsert
@@ -24,17 +24,6 @@ from shared_schemas.schemas import SELLABLE_INVENTORY
 from shared_schemas.topics import TopicSpec, ensure_topics
 
 PARTITIONS = 6
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met within {timeout} s; last result: {last!r}")
 
 
 class Publisher:

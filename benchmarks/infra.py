@@ -1,0 +1,60 @@
+"""The broker and Cassandra a benchmark runs against: external if configured, else embedded.
+
+Example::
+
+    with ExitStack() as stack:
+        bootstrap = kafka(stack)
+        endpoint = cassandra(stack)   # CassandraEndpoint
+
+``KAFKA_BOOTSTRAP_SERVERS`` / ``CASSANDRA_CONTACT_POINTS`` (with ``CASSANDRA_PORT`` and
+``CASSANDRA_PROTOCOL_VERSION``) point a benchmark at real servers; otherwise fresh
+embedded ones start on free ports and stop when ``stack`` closes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from local_stack.broker import EmbeddedBroker, external_kafka
+from local_stack.cassandra import (
+    PROTOCOL_VERSION,
+    CassandraEndpoint,
+    EmbeddedCassandra,
+    external_cassandra,
+)
+from local_stack.process import free_port
+
+
+def kafka(stack: ExitStack) -> str:
+    """Bootstrap servers to benchmark against."""
+    external = external_kafka()
+    if external:
+        return external
+    return stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
+
+
+def cassandra(stack: ExitStack) -> CassandraEndpoint:
+    """A Cassandra to benchmark against."""
+    external = external_cassandra()
+    if external:
+        version = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
+        return CassandraEndpoint(external[0], external[1], int(version) if version else None)
+    data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+    server = stack.enter_context(
+        EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
+    )
+    return CassandraEndpoint(server.contact_points, server.port, PROTOCOL_VERSION)
+
+
+def service_env(endpoint: CassandraEndpoint) -> dict[str, str]:
+    """The sellable service's Cassandra settings for ``endpoint``."""
+    env = {
+        "CASSANDRA_CONTACT_POINTS": ",".join(endpoint.contact_points),
+        "CASSANDRA_PORT": str(endpoint.port),
+    }
+    if endpoint.protocol_version:
+        env["CASSANDRA_PROTOCOL_VERSION"] = str(endpoint.protocol_version)
+    return env
