@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install fetch lint format wrk bench-calculator bench-mutator bench-service clean
+.PHONY: up test install fetch lint format compare wrk bench-calculator bench-mutator bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -38,6 +38,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Both query sides measured side by side; COMPARE_ARGS="--duration 60 --keys 500" etc.
+compare: fetch
+	$(PY) -m comparison $(COMPARE_ARGS)
 
 # The load generator: wrk, from Debian's packages.
 wrk:

@@ -115,7 +115,9 @@ class SellableWriter:
         last_lag_update = 0.0
         try:
             while not self._stop.is_set():
-                messages = consumer.consume(self.settings.service_batch_size, 0.5)
+                # consume() waits the whole timeout unless the batch fills: keep it short,
+                # it is added to the read model's lag whenever traffic is light.
+                messages = consumer.consume(self.settings.service_batch_size, 0.05)
                 if messages:
                     upserts, commit = self._decode(messages)
                     if not self._write_until_done(upserts):

@@ -1,0 +1,153 @@
+"""``make compare``: measure both query sides on a running system and write a report.
+
+    .venv/bin/python -m comparison [--duration 30] [--keys 200] [--locations 10]
+        [--write-rate 100] [--read-concurrency 16] [--seed 1] [--results DIR]
+        [--mutator URL --service URL --calculators URL,URL]
+
+Without URLs it starts the system the way ``make up`` does (on free ports, in a
+temporary home) and stops it afterwards. The results directory gets ``report.html``
+(charts inline), ``report.json`` (summary and raw samples) and the charts as PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm import tqdm
+
+from comparison.report import summarize, terminal_table, write_results
+from comparison.workload import Endpoints, Options, Workload
+from local_stack.__main__ import READY_BANNER
+from local_stack.cassandra import distribution_dir, ensure_cassandra_distribution
+from local_stack.process import ManagedProcess, free_port, port_in_use
+
+
+def _consecutive_free_ports() -> int:
+    for _ in range(100):
+        port = free_port()
+        if port < 65535 and not port_in_use(port + 1):
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@contextmanager
+def started_system() -> Iterator[Endpoints]:
+    """The whole system as ``make up`` starts it, on free ports; stopped on exit."""
+    ensure_cassandra_distribution()
+    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+        home = Path(tmp)
+        (home / distribution_dir().name).symlink_to(distribution_dir())
+        env = {**os.environ, "LOCAL_STACK_HOME": str(home)}
+        mutator, service, calculator = free_port(), free_port(), _consecutive_free_ports()
+        command = [
+            sys.executable,
+            "-m",
+            "local_stack",
+            "up",
+            "--mutator-port",
+            str(mutator),
+            "--service-port",
+            str(service),
+            "--calculator-port",
+            str(calculator),
+            "--kafka-port",
+            str(free_port()),
+            "--cassandra-port",
+            str(free_port()),
+        ]
+        process = ManagedProcess("compare-system", command, env=env, log_dir=home / "logs")
+        with process:
+            process.start()
+            print("starting the system (as make up does)…", flush=True)
+            process.wait_ready(lambda: READY_BANNER in process.log_path.read_text(), 240)
+            yield Endpoints(
+                f"http://127.0.0.1:{mutator}",
+                f"http://127.0.0.1:{service}",
+                [f"http://127.0.0.1:{calculator}", f"http://127.0.0.1:{calculator + 1}"],
+            )
+
+
+class Progress:
+    """One tqdm bar per phase."""
+
+    def __init__(self) -> None:
+        self._phase: str | None = None
+        self._bar: tqdm | None = None
+
+    def __call__(self, phase: str, done: float, total: float) -> None:
+        if phase != self._phase:
+            self.close()
+            self._phase = phase
+            self._bar = tqdm(total=round(total, 1), desc=f"{phase:<34}", leave=True)
+        assert self._bar is not None
+        self._bar.n = round(min(done, total), 1)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; exit 1 if the paths disagree at the end."""
+    parser = argparse.ArgumentParser(prog="python -m comparison", description=__doc__)
+    defaults = Options()
+    parser.add_argument("--keys", type=int, default=defaults.keys)
+    parser.add_argument("--locations", type=int, default=defaults.locations)
+    parser.add_argument("--write-rate", type=float, default=defaults.write_rate)
+    parser.add_argument("--read-concurrency", type=int, default=defaults.read_concurrency)
+    parser.add_argument("--duration", type=float, default=defaults.duration)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--probes", type=int, default=defaults.probes)
+    parser.add_argument("--results", type=Path, help="directory (default results/<time>)")
+    parser.add_argument("--mutator", help="mutator URL of a running system")
+    parser.add_argument("--service", help="sellable_service URL")
+    parser.add_argument("--calculators", help="calculator URLs, comma-separated")
+    args = parser.parse_args(argv)
+    options = Options(
+        keys=args.keys,
+        locations=args.locations,
+        write_rate=args.write_rate,
+        read_concurrency=args.read_concurrency,
+        duration=args.duration,
+        seed=args.seed,
+        probes=args.probes,
+    )
+    results = args.results or Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
+    given = [args.mutator, args.service, args.calculators]
+    if any(given) and not all(given):
+        parser.error("--mutator, --service and --calculators go together")
+
+    def run(endpoints: Endpoints) -> int:
+        progress = Progress()
+        try:
+            workload = Workload(endpoints, options, progress)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        measurements = asyncio.run(workload.run())
+        progress.close()
+        summary = summarize(measurements)
+        files = write_results(summary, measurements, results)
+        print()
+        print(terminal_table(summary))
+        print(f"\nreport: {files['report.html']}  (raw data: {files['report.json']})")
+        return 0 if summary["correctness"]["all_agree"] else 1
+
+    if all(given):
+        return run(Endpoints(args.mutator, args.service, args.calculators.split(",")))
+    with started_system() as endpoints:
+        return run(endpoints)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

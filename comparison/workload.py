@@ -1,0 +1,364 @@
+"""The comparison's workload: writes through the mutator, reads and freshness probes on every path.
+
+Three read paths answer the same question for the same keys:
+
+* ``calculator-local``: a calculator asked for a key it owns (one RocksDB read);
+* ``calculator-forwarded``: a calculator asked for a key another instance owns (a hop);
+* ``cassandra-service``: the Cassandra read model.
+
+Everything is seeded: the same ``seed`` gives the same keys, the same writes in the same
+order and the same read keys (timings, of course, differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+PATHS = ("calculator-local", "calculator-forwarded", "cassandra-service")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to run."""
+
+    keys: int = 200
+    locations: int = 10
+    write_rate: float = 100.0
+    """Mutations per second sent to the mutator during the measured phase."""
+    read_concurrency: int = 16
+    duration: float = 30.0
+    """Seconds of the measured phase; each read path gets a third of it."""
+    seed: int = 1
+    probes: int = 30
+    """Freshness probes per path."""
+
+
+@dataclass
+class Endpoints:
+    """Base URLs of the running system."""
+
+    mutator: str
+    service: str
+    calculators: list[str]
+
+
+@dataclass
+class Key:
+    """One (location, sku) and which calculator owns it."""
+
+    location: str
+    sku: str
+    owner: int
+
+
+@dataclass
+class Measurements:
+    """Raw results; :mod:`comparison.report` turns them into numbers and charts."""
+
+    options: Options
+    latencies_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    read_seconds: dict[str, float] = field(default_factory=dict)
+    reads_per_second: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    freshness_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    freshness_timeouts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    writes_per_second: list[int] = field(default_factory=list)
+    writes: int = 0
+    write_errors: int = 0
+    disagreements: list[dict[str, Any]] = field(default_factory=list)
+    keys_checked: int = 0
+    listing_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    listing_mismatches: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _split(keys: list[Key]) -> tuple[list[Key], list[Key]]:
+    """(probe keys, written only by the freshness probes; keys the steady writes use)."""
+    probes = max(3, len(keys) // 10)
+    return keys[:probes], keys[probes:]
+
+
+class Workload:
+    """Runs the phases against ``endpoints``; ``progress`` gets (phase, done, total)."""
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        options: Options,
+        progress: Callable[[str, float, float], None] = lambda *_: None,
+    ) -> None:
+        if len(endpoints.calculators) < 2:
+            raise ValueError("the forwarded path needs at least two calculator instances")
+        if options.keys < 10 or options.locations < 1 or options.locations > options.keys:
+            raise ValueError("need at least 10 keys and between 1 and --keys locations")
+        self.endpoints = endpoints
+        self.options = options
+        self.progress = progress
+        self.rng = random.Random(options.seed)
+        self.expected: dict[tuple[str, str], int] = {}
+        self.measurements = Measurements(options)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    async def run(self) -> Measurements:
+        """Set up the keys, measure every path while writing, then check correctness."""
+        connector = aiohttp.TCPConnector(limit=500)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            self._session = session
+            keys = await self._make_keys()
+            await self._seed_keys(keys)
+            await self._measure(keys)
+            await self._check(keys)
+        return self.measurements
+
+    # --- set-up -------------------------------------------------------------------------
+
+    async def _make_keys(self) -> list[Key]:
+        run = f"{self.options.seed}-{self.rng.randrange(16**6):06x}"
+        keys = []
+        for i in range(self.options.keys):
+            location = f"CMP-{run}-L{i % self.options.locations}"
+            sku = f"sku-{i}"
+            url = f"{self.endpoints.calculators[0]}/metadata/locations/{location}/skus/{sku}"
+            async with self.session.get(url) as response:
+                owner_url = (await response.json())["owner"]["url"]
+            owner = self._calculator_index(owner_url)
+            keys.append(Key(location, sku, owner))
+        return keys
+
+    def _calculator_index(self, advertised: str) -> int:
+        port = advertised.rstrip("/").rsplit(":", 1)[1]
+        for index, url in enumerate(self.endpoints.calculators):
+            if url.rstrip("/").endswith(f":{port}"):
+                return index
+        raise RuntimeError(f"owner {advertised} is not one of the calculators given")
+
+    async def _post(self, kind: str, key: Key, count: int) -> float | None:
+        """Write one mutation; return when the mutator answered 200 (monotonic), or None."""
+        body = {"locationId": key.location, "sku": key.sku, "count": count}
+        try:
+            async with self.session.post(
+                f"{self.endpoints.mutator}/inventory/{kind}", json=body
+            ) as response:
+                await response.read()
+                ok = response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            ok = False
+        if not ok:
+            self.measurements.write_errors += 1
+            return None
+        self.measurements.writes += 1
+        delta = count if kind == "adjustment" else -count
+        self.expected[(key.location, key.sku)] = (
+            self.expected.get((key.location, key.sku), 0) + delta
+        )
+        return time.monotonic()
+
+    async def _seed_keys(self, keys: list[Key]) -> None:
+        semaphore = asyncio.Semaphore(32)
+        done = 0
+
+        async def seed(key: Key) -> None:
+            nonlocal done
+            async with semaphore:
+                await self._post("adjustment", key, 1_000)
+            done += 1
+            self.progress("writing initial stock", done, len(keys))
+
+        await asyncio.gather(*(seed(k) for k in keys))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pending = [k for k in keys if not await self._all_paths_agree(k)]
+            self.progress("waiting for every path", len(keys) - len(pending), len(keys))
+            if not pending:
+                return
+            keys = pending
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"{len(keys)} keys never became visible on every path")
+
+    def _url(self, path: str, key: Key) -> str:
+        calculators = self.endpoints.calculators
+        if path == "cassandra-service":
+            base = self.endpoints.service
+        elif path == "calculator-local":
+            base = calculators[key.owner]
+        else:  # forwarded: ask an instance that does not own the key
+            base = calculators[(key.owner + 1) % len(calculators)]
+        return f"{base}/inventory/locations/{key.location}/skus/{key.sku}"
+
+    async def _read(self, path: str, key: Key) -> int | None:
+        async with self.session.get(self._url(path, key)) as response:
+            if response.status != 200:
+                await response.read()
+                return None
+            return int((await response.json())["count"])
+
+    async def _all_paths_agree(self, key: Key) -> bool:
+        want = self.expected[(key.location, key.sku)]
+        try:
+            values = [await self._read(path, key) for path in PATHS]
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        return all(v == want for v in values)
+
+    # --- the measured phase ------------------------------------------------------------
+
+    async def _measure(self, keys: list[Key]) -> None:
+        stop = asyncio.Event()
+        writer = asyncio.create_task(self._write_steadily(keys, stop))
+        probe_keys, write_keys = _split(keys)
+        slot = self.options.duration / len(PATHS)
+        for path in PATHS:
+            await self._read_load(path, write_keys, slot)
+        stop.set()
+        await writer
+        for path in PATHS:
+            await self._probe_freshness(path, probe_keys)
+
+    async def _write_steadily(self, keys: list[Key], stop: asyncio.Event) -> None:
+        interval = 1.0 / self.options.write_rate
+        second, count = int(time.monotonic()), 0
+        next_at = time.monotonic()
+        in_flight: set[asyncio.Task[Any]] = set()
+        _, write_keys = _split(keys)
+        while not stop.is_set():
+            key = self.rng.choice(write_keys)
+            if self.rng.random() < 0.5:
+                task = asyncio.create_task(
+                    self._post("adjustment", key, self.rng.choice([1, 2, 5]))
+                )
+            else:
+                task = asyncio.create_task(self._post("reservation", key, 1))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            count += 1
+            now_second = int(time.monotonic())
+            if now_second != second:
+                self.measurements.writes_per_second.append(count)
+                second, count = now_second, 0
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        await asyncio.gather(*in_flight)
+
+    async def _read_load(self, path: str, keys: list[Key], seconds: float) -> None:
+        latencies = self.measurements.latencies_ms[path]
+        per_second = self.measurements.reads_per_second[path]
+        started = time.monotonic()
+        deadline = started + seconds
+        counts: dict[int, int] = defaultdict(int)
+        rng = random.Random(f"{self.options.seed}-{path}")
+
+        async def reader() -> None:
+            while time.monotonic() < deadline:
+                key = rng.choice(keys)
+                t0 = time.perf_counter()
+                try:
+                    value = await self._read(path, key)
+                except (aiohttp.ClientError, TimeoutError):
+                    value = None
+                if value is None:
+                    self.measurements.errors[path] += 1
+                    continue
+                latencies.append((time.perf_counter() - t0) * 1000)
+                counts[int(time.monotonic() - started)] += 1
+                self.progress(f"reading {path}", min(seconds, time.monotonic() - started), seconds)
+
+        await asyncio.gather(*(reader() for _ in range(self.options.read_concurrency)))
+        self.measurements.read_seconds[path] = time.monotonic() - started
+        per_second.extend(counts[s] for s in range(int(seconds)))
+
+    async def _probe_freshness(self, path: str, keys: list[Key]) -> None:
+        """Write +1 to a probe key, then time until ``path`` shows it."""
+        for n in range(self.options.probes):
+            key = keys[n % len(keys)]
+            accepted = await self._post("adjustment", key, 1)
+            self.progress(f"freshness {path}", n + 1, self.options.probes)
+            if accepted is None:
+                continue
+            want = self.expected[(key.location, key.sku)]
+            deadline = accepted + 10
+            while True:
+                try:
+                    seen = await self._read(path, key)
+                except (aiohttp.ClientError, TimeoutError):
+                    seen = None
+                now = time.monotonic()
+                if seen == want:
+                    self.measurements.freshness_ms[path].append((now - accepted) * 1000)
+                    break
+                if now > deadline:
+                    self.measurements.freshness_timeouts[path] += 1
+                    break
+                await asyncio.sleep(0.001)
+            # Bring the other paths up to date before the next probe of this key.
+            while not await self._all_paths_agree(key):
+                await asyncio.sleep(0.01)
+
+    # --- correctness and listings -------------------------------------------------------
+
+    async def _check(self, keys: list[Key]) -> None:
+        deadline = time.monotonic() + 60
+        wrong: list[Key] = keys
+        while wrong and time.monotonic() < deadline:
+            wrong = [k for k in wrong if not await self._all_paths_agree(k)]
+            self.progress("checking every key", len(keys) - len(wrong), len(keys))
+            if wrong:
+                await asyncio.sleep(0.5)
+        self.measurements.keys_checked = len(keys)
+        for key in wrong:
+            entry: dict[str, Any] = {
+                "location": key.location,
+                "sku": key.sku,
+                "expected": self.expected[(key.location, key.sku)],
+            }
+            for path in PATHS:
+                entry[path] = await self._read(path, key)
+            self.measurements.disagreements.append(entry)
+        await self._check_listings(keys)
+
+    async def _check_listings(self, keys: list[Key]) -> None:
+        by_location: dict[str, dict[str, int]] = defaultdict(dict)
+        for key in keys:
+            by_location[key.location][key.sku] = self.expected[(key.location, key.sku)]
+        for location, expected in by_location.items():
+            for name, fetch in (
+                ("calculator fan-out", self._calculator_listing),
+                ("cassandra-service pages", self._service_listing),
+            ):
+                t0 = time.perf_counter()
+                listed = await fetch(location)
+                self.measurements.listing_ms[name].append((time.perf_counter() - t0) * 1000)
+                if listed != expected:
+                    self.measurements.listing_mismatches.append(
+                        {"location": location, "side": name}
+                    )
+
+    async def _calculator_listing(self, location: str) -> dict[str, int]:
+        url = f"{self.endpoints.calculators[0]}/inventory/locations/{location}/skus"
+        async with self.session.get(url) as response:
+            body = await response.json()
+        return {item["sku"]: item["count"] for item in body["skus"]}
+
+    async def _service_listing(self, location: str) -> dict[str, int]:
+        listed: dict[str, int] = {}
+        after = ""
+        while True:
+            url = f"{self.endpoints.service}/inventory/locations/{location}/skus"
+            async with self.session.get(url, params={"limit": 100, "after": after}) as response:
+                body = await response.json()
+            listed.update({item["sku"]: item["count"] for item in body["skus"]})
+            if body["next"] is None:
+                return listed
+            after = body["next"]
