@@ -100,6 +100,13 @@ class SellableWriter:
                 "auto.offset.reset": "earliest",
                 "max.poll.interval.ms": s.service_max_poll_interval_ms,
                 "session.timeout.ms": min(6_000, s.service_max_poll_interval_ms),
+                # Watermarks for the lag metric come from these statistics, not from a
+                # broker round trip per partition inside the write loop.
+                "statistics.interval.ms": 1000,
+                # The embedded broker answers a fetch only when its wait expires, so a
+                # long wait would be added to the read model's lag.
+                "fetch.wait.max.ms": 20,
+                "stats_cb": lambda _stats: None,
             }
         )
 
@@ -237,7 +244,7 @@ class SellableWriter:
             assignment = consumer.assignment()
             positions = consumer.position(assignment)
             for tp in positions:
-                _, high = consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
                 if tp.offset >= 0:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, high - tp.offset))
         except Exception as exc:  # metrics must never stop the writer
