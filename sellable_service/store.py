@@ -36,7 +36,7 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.policies import ConstantReconnectionPolicy, RoundRobinPolicy
-from cassandra.query import PreparedStatement
+from cassandra.query import PreparedStatement, tuple_factory
 
 from sellable_service.settings import ServiceSettings
 
@@ -76,13 +76,12 @@ class Page:
 
 
 def _bridge(response: ResponseFuture) -> asyncio.Future[Any]:
-    """Turn the driver's callback future into an asyncio future on the running loop."""
+    """Turn the driver's callback future into an asyncio future of its (first page of) rows."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
-    def done(_rows: Any) -> None:
-        # The result is complete here; result() hands back the ResultSet with its paging state.
-        loop.call_soon_threadsafe(_settle, future, response.result(), None)
+    def done(rows: Any) -> None:
+        loop.call_soon_threadsafe(_settle, future, rows, None)
 
     def failed(exc: BaseException) -> None:
         loop.call_soon_threadsafe(_settle, future, None, exc)
@@ -152,6 +151,8 @@ class SellableTable:
         profile = ExecutionProfile(
             load_balancing_policy=RoundRobinPolicy(),
             request_timeout=s.cassandra_request_timeout_seconds,
+            # Plain tuples: the default builds a namedtuple class for every result.
+            row_factory=tuple_factory,
         )
         extra: dict[str, Any] = {}
         if s.cassandra_protocol_version is not None:
@@ -237,8 +238,7 @@ class SellableTable:
             result = await _bridge(session.execute_async(self._select_one, (location, sku)))
         except UNAVAILABLE_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        rows = result.current_rows
-        return _row(rows[0]) if rows else None
+        return _row(result[0]) if result else None
 
     async def location(self, location: str, limit: int, after: str = "") -> Page:
         """Up to ``limit`` skus of ``location`` after the sku ``after``, in sku order.
@@ -255,7 +255,7 @@ class SellableTable:
             )
         except UNAVAILABLE_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        rows = [_row(r) for r in result.current_rows]
+        rows = [_row(r) for r in result]
         more = len(rows) > limit
         rows = rows[:limit]
         return Page(rows, rows[-1].sku if more else None)

@@ -130,7 +130,7 @@ def test_records_appear_in_cassandra_and_through_get(
             )
             .one()
         )
-        assert (row.on_hand, row.reserved, row.source_offset) == (100, 10, 0)
+        assert tuple(row) == (100, 10, 0)  # on_hand, reserved, source_offset
         missing = client.get("/inventory/locations/STL/skus/nope")
         assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
         wait_until(lambda: client.get("/health/ready").status_code == 200)
