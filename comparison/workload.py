@@ -6,8 +6,8 @@ Three read paths answer the same question for the same keys:
 * ``calculator-forwarded``: a calculator asked for a key another instance owns (a hop);
 * ``cassandra-service``: the Cassandra read model.
 
-Everything is seeded: the same ``seed`` gives the same keys, the same writes in the same
-order and the same read keys (timings, of course, differ).
+Everything is seeded: the same ``seed`` gives the same writes in the same order and the
+same read keys (the key names get a fresh run prefix, and timings of course differ).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,7 +127,9 @@ class Workload:
     # --- set-up -------------------------------------------------------------------------
 
     async def _make_keys(self) -> list[Key]:
-        run = f"{self.options.seed}-{self.rng.randrange(16**6):06x}"
+        # Fresh key names per run (not from the seed): against a long-running system a
+        # second run with the same seed must not find the first run's values.
+        run = f"{self.options.seed}-{uuid.uuid4().hex[:6]}"
         keys = []
         for i in range(self.options.keys):
             location = f"CMP-{run}-L{i % self.options.locations}"
