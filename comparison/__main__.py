@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
@@ -25,54 +24,16 @@ from tqdm import tqdm
 
 from comparison.report import summarize, terminal_table, write_results
 from comparison.workload import Endpoints, Options, Workload
-from local_stack.__main__ import READY_BANNER
-from local_stack.cassandra import distribution_dir, ensure_cassandra_distribution
-from local_stack.process import ManagedProcess, free_port, port_in_use
-
-
-def _consecutive_free_ports() -> int:
-    for _ in range(100):
-        port = free_port()
-        if port < 65535 and not port_in_use(port + 1):
-            return port
-    raise RuntimeError("no two consecutive free ports")
+from local_stack.system import started_system
 
 
 @contextmanager
-def started_system() -> Iterator[Endpoints]:
-    """The whole system as ``make up`` starts it, on free ports; stopped on exit."""
-    ensure_cassandra_distribution()
+def started_endpoints() -> Iterator[Endpoints]:
+    """A system started the way ``make up`` does, in a temporary home; stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
-        home = Path(tmp)
-        (home / distribution_dir().name).symlink_to(distribution_dir())
-        env = {**os.environ, "LOCAL_STACK_HOME": str(home)}
-        mutator, service, calculator = free_port(), free_port(), _consecutive_free_ports()
-        command = [
-            sys.executable,
-            "-m",
-            "local_stack",
-            "up",
-            "--mutator-port",
-            str(mutator),
-            "--service-port",
-            str(service),
-            "--calculator-port",
-            str(calculator),
-            "--kafka-port",
-            str(free_port()),
-            "--cassandra-port",
-            str(free_port()),
-        ]
-        process = ManagedProcess("compare-system", command, env=env, log_dir=home / "logs")
-        with process:
-            process.start()
-            print("starting the system (as make up does)…", flush=True)
-            process.wait_ready(lambda: READY_BANNER in process.log_path.read_text(), 240)
-            yield Endpoints(
-                f"http://127.0.0.1:{mutator}",
-                f"http://127.0.0.1:{service}",
-                [f"http://127.0.0.1:{calculator}", f"http://127.0.0.1:{calculator + 1}"],
-            )
+        print("starting the system (as make up does)…", flush=True)
+        with started_system(Path(tmp)) as running:
+            yield Endpoints(running.mutator, running.service, running.calculators)
 
 
 class Progress:
@@ -145,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if all(given):
         return run(Endpoints(args.mutator, args.service, args.calculators.split(",")))
-    with started_system() as endpoints:
+    with started_endpoints() as endpoints:
         return run(endpoints)
 
 

@@ -1,15 +1,12 @@
 """The whole system, started exactly as ``make up`` starts it, once per test run.
 
-``python -m local_stack up`` runs as a child process on free ports, with its state in a
-temporary ``LOCAL_STACK_HOME`` (the Cassandra download is shared with the project's), and
-is stopped with SIGTERM at the end. Tests talk to it over HTTP only.
+``local_stack.system.started_system`` runs ``python -m local_stack up`` as a child
+process on free ports, with its state in a temporary ``LOCAL_STACK_HOME``, and stops it
+with SIGTERM at the end. Tests talk to it over HTTP only.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,24 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
-from local_stack.__main__ import READY_BANNER
-from local_stack.cassandra import distribution_dir, ensure_cassandra_distribution
-from local_stack.process import ManagedProcess, free_port, port_in_use
+from local_stack.process import ManagedProcess
+from local_stack.system import started_system
 
 PARTITIONS = 6
-
-
-def _two_free_consecutive_ports() -> int:
-    for _ in range(50):
-        port = free_port()
-        if port < 65535 and not port_in_use(port + 1):
-            with socket.socket() as probe:  # make sure port + 1 can be bound, too
-                try:
-                    probe.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no two consecutive free ports")
 
 
 @dataclass
@@ -107,47 +90,14 @@ class System:
 
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    ensure_cassandra_distribution()
     home = tmp_path_factory.mktemp("local_stack_home")
-    (home / distribution_dir().name).symlink_to(distribution_dir())
-    env = {**os.environ, "LOCAL_STACK_HOME": str(home)}
-    for external in ("KAFKA_BOOTSTRAP_SERVERS", "CASSANDRA_CONTACT_POINTS"):
-        env.pop(external, None)  # the system under test is the embedded one
-    mutator, service, calculator = free_port(), free_port(), _two_free_consecutive_ports()
-    command = [
-        sys.executable,
-        "-m",
-        "local_stack",
-        "up",
-        "--partitions",
-        str(PARTITIONS),
-        "--mutator-port",
-        str(mutator),
-        "--service-port",
-        str(service),
-        "--calculator-port",
-        str(calculator),
-        "--kafka-port",
-        str(free_port()),
-        "--cassandra-port",
-        str(free_port()),
-    ]
-    process = ManagedProcess("make-up", command, env=env, log_dir=home / "logs")
-    process.start()
-    system = None
-    try:
-        process.wait_ready(lambda: READY_BANNER in process.log_path.read_text(), timeout=240)
-        system = System(
-            f"http://127.0.0.1:{mutator}",
-            f"http://127.0.0.1:{service}",
-            [f"http://127.0.0.1:{calculator}", f"http://127.0.0.1:{calculator + 1}"],
-            process,
-        )
-        yield system
-    finally:
-        for replacement in system.replacements if system else []:
-            replacement.stop()
-        process.stop(grace=60)
+    with started_system(home, partitions=PARTITIONS) as running:
+        system = System(running.mutator, running.service, running.calculators, running.process)
+        try:
+            yield system
+        finally:
+            for replacement in system.replacements:
+                replacement.stop()
 
 
 @pytest.fixture(scope="session")
