@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import aiohttp
+import yarl
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
@@ -107,6 +108,30 @@ class KeyMetadata(BaseModel):
     owner: InstanceView | None
 
 
+GET_QUERY_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "position",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "array", "items": {"type": "string"}},
+        "style": "form",
+        "explode": True,
+        "description": "Read-your-writes: a position the mutator returned "
+        "(`topic:partition:offset`); the answer includes that mutation and everything "
+        "before it in the same topic partition. Repeat the parameter to include writes "
+        "to both topics (an adjustment and a reservation).",
+        "example": "inventory_adjustments:2:41",
+    },
+    {
+        "name": "timeout",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "exclusiveMinimum": 0},
+        "description": "Seconds to wait for `position` (default from settings).",
+    },
+]
+
+
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     # Plain json.dumps: the hot GET path skips FastAPI's response-model machinery.
     return Response(json.dumps(body), status, headers, media_type="application/json")
@@ -168,11 +193,13 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         client: aiohttp.ClientSession = request.app.state.client
         # Only the path and query go to the owner's advertised URL: never a host taken
         # from the request.
-        url = owner.url + request.url.path
+        # The path and query exactly as they arrived (still percent-encoded).
+        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+        query = request.scope["query_string"]
+        url = owner.url + raw_path.decode() + (f"?{query.decode()}" if query else "")
         try:
             async with client.get(
-                url,
-                params=list(request.query_params.multi_items()),
+                yarl.URL(url, encoded=True),
                 headers={FORWARDED_BY: me.instance_id},
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as answer:
@@ -198,39 +225,42 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         summary="Sellable inventory of one sku at one location",
         responses={
             404: {"description": "No adjustment for this key yet"},
-            422: {"description": "Bad position"},
+            422: {"description": "Bad position or timeout"},
             503: {"description": "The owning instance is unknown or unreachable"},
             504: {"description": "The owner did not reach the position in time"},
         },
+        # The query parameters are read by hand (the hot path skips FastAPI's parameter
+        # machinery); they are declared here so /docs still shows them.
+        openapi_extra={"parameters": GET_QUERY_PARAMETERS},
     )
-    async def get_sellable(
-        location: str,
-        sku: str,
-        request: Request,
-        position: Annotated[
-            list[str] | None,
-            Query(
-                description="Read-your-writes: a position the mutator returned "
-                "(`topic:partition:offset`); the answer includes that mutation and "
-                "everything before it in the same topic partition. Repeat the parameter "
-                "to include writes to both topics (an adjustment and a reservation).",
-                examples=["inventory_adjustments:2:41"],
-            ),
-        ] = None,
-        timeout: Annotated[
-            float | None,
-            Query(gt=0, description="Seconds to wait for `position` (default from settings)."),
-        ] = None,
-    ) -> Response:
+    async def get_sellable(location: str, sku: str, request: Request) -> Response:
         started = time.perf_counter()
         key = encode_key(location, sku)
         partition = runtime.partition_of(key)
+        position: list[str] = []
+        timeout: float | None = None
+        if request.scope["query_string"]:
+            query = request.query_params
+            position = query.getlist("position")
+            if "timeout" in query:
+                try:
+                    timeout = float(query["timeout"])
+                    if not timeout > 0:
+                        raise ValueError
+                except ValueError:
+                    problem = "must be a number of seconds greater than 0"
+                    return error_response(
+                        422,
+                        "invalid_request",
+                        f"timeout: {problem}",
+                        [{"field": "timeout", "problem": problem}],
+                    )
         wait = min(
             timeout or settings.calculator_wait_timeout_seconds,
             settings.calculator_max_wait_seconds,
         )
         targets: list[Position] = []
-        for text in position or ():
+        for text in position:
             try:
                 target = Position.parse(text)
             except ValueError as exc:

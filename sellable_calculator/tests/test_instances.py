@@ -46,6 +46,20 @@ def test_original_scenario_same_answer_from_both_instances(
                 )
 
 
+def test_keys_with_spaces_and_non_ascii_are_forwarded_intact(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    location = unique_location("Zürich City")
+    for owner in (0, 1):
+        sku = f"x y%z-{sku_owned_by(owner, location)}"
+        while partition_for(encode_key(location, sku), PARTITIONS) % 2 != owner:
+            sku += "+"
+        mutations.adjust(location, sku, 3)
+        for calculator in calculators:
+            wait_until(lambda c=calculator, s=sku: c.count_of(location, s) == 3)
+            assert calculator.sellable(location, sku).json()["sku"] == sku
+
+
 def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:
     location = unique_location()
     for calculator in calculators:
