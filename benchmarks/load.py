@@ -2,15 +2,23 @@
 
 Example::
 
-    from benchmarks.load import bare_fastapi, run_wrk
+    from benchmarks.load import Target, bare_fastapi, measure_in_rounds, print_ratios
 
     with bare_fastapi() as baseline_url:
-        result = run_wrk(baseline_url + "/ping", concurrency=32, seconds=10)
-    print(result.requests_per_second, result.p50_ms, result.p99_ms)
+        baseline = Target("bare FastAPI (baseline)", baseline_url + "/inventory/…")
+        measured = Target("service", service_url + "/inventory/…")
+        results = measure_in_rounds([baseline, measured], rounds=3, seconds=10)
+    print_ratios(results, baseline, {measured: 0.6})
 
 ``wrk`` (Debian package ``wrk``; ``make bench-…`` installs it) drives the load from its
 own process, so the Python server under test is what is measured, not the client. Every
 benchmark runs its baseline in the same run, on the same machine, and prints the ratio.
+
+A shared two-core machine drifts by ±10 % from one ten-second run to the next, so a
+single baseline run followed by a single measured run can tilt a ratio either way. Hence
+:func:`measure_in_rounds`: every target is warmed up first, then the baseline and the
+targets take turns for several rounds, and the ratio printed is the median of the
+per-round ratios (each round's are shown too).
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +141,67 @@ def run_wrk(
         float(p99),
         float(worst),
     )
+
+
+@dataclass(frozen=True)
+class Target:
+    """One URL to load, under a display name."""
+
+    name: str
+    url: str
+    method: str = "GET"
+    body: str | None = None
+
+
+def measure_in_rounds(
+    targets: Sequence[Target],
+    rounds: int = 3,
+    seconds: float = 10.0,
+    concurrency: int = 32,
+    warmup_seconds: float = 2.0,
+) -> dict[Target, list[LoadResult]]:
+    """Warm every target up, then load them in turn, ``rounds`` times; print each row."""
+    for target in targets:
+        run_wrk(target.url, concurrency, warmup_seconds, target.method, target.body)
+    print(
+        f"wrk, {concurrency} connections, {seconds:g} s a run, {rounds} round(s), "
+        f"after a {warmup_seconds:g} s warm-up each; one uvicorn worker per server"
+    )
+    print(TABLE_HEADER)
+    results: dict[Target, list[LoadResult]] = {target: [] for target in targets}
+    for round_number in range(1, rounds + 1):
+        for target in targets:
+            result = run_wrk(target.url, concurrency, seconds, target.method, target.body)
+            results[target].append(result)
+            print(result.row(f"{target.name} #{round_number}"), flush=True)
+    return results
+
+
+def print_ratios(
+    results: Mapping[Target, list[LoadResult]],
+    baseline: Target,
+    targets: Mapping[Target, float],
+) -> dict[Target, float]:
+    """Print, for each target, the median of its per-round ratios to the baseline.
+
+    ``targets`` maps each measured target to the ratio the issue asks for. Returns the
+    medians.
+    """
+    medians = {}
+    for target, wanted in targets.items():
+        ratios = [
+            mine.requests_per_second / base.requests_per_second
+            for mine, base in zip(results[target], results[baseline], strict=True)
+        ]
+        medians[target] = median = statistics.median(ratios)
+        rates = statistics.median(r.requests_per_second for r in results[target])
+        verdict = "met" if median >= wanted else "NOT met"
+        print(
+            f"{target.name}: median {rates:,.0f} req/s; ratio to {baseline.name}: "
+            f"median {median:.2f} (rounds: {' '.join(f'{r:.2f}' for r in ratios)}); "
+            f"target >= {wanted:g}: {verdict}"
+        )
+    return medians
 
 
 _BARE_APP = '''

@@ -35,7 +35,7 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import configure_logging
+from shared_schemas.http import configure_logging, tune_gc_for_serving
 from shared_schemas.topics import (
     TopicAdminError,
     TopicMismatchError,
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         follower.start()
         advertise(settings, me)
         server, api_thread = _start_api(runtime)
+        tune_gc_for_serving()
         log.info(
             "%s listening on http://%s:%d (advertised as %s)",
             settings.instance_id,

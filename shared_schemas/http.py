@@ -13,6 +13,7 @@ Every error any service returns looks like::
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -102,6 +103,27 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected_error)
 
 
+GC_GEN0_THRESHOLD = 20_000
+"""Allocations between young-generation collections while serving (CPython's default: 700)."""
+
+
+def tune_gc_for_serving() -> None:
+    """Make the garbage collector cheap for a request-serving process; call once started.
+
+    A request allocates a few hundred container objects that die with it, so with
+    CPython's defaults the collector runs every couple of requests, and every tenth
+    run walks the older generations: the whole FastAPI/pydantic object graph built at
+    start-up. Measured in the mutator at c32: about 7 % of its time. So: collect once,
+    freeze what exists now (start-up objects are never collected again, and no longer
+    walked), and collect the young generation every 20,000 allocations instead of 700.
+    Reference cycles are still collected; memory stays flat under load.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, minus re-raising the signal after a graceful shutdown.
 
@@ -129,11 +151,13 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Run ``app`` with one uvicorn worker until SIGTERM/SIGINT, in the calling thread.
 
     The lifespan's shutdown half (flush producers, close sessions) runs before this
-    returns; logs go through the process's logging set-up.
+    returns; logs go through the process's logging set-up. The garbage collector is
+    tuned for serving first (:func:`tune_gc_for_serving`).
     """
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level.lower(), log_config=None, access_log=False
     )
+    tune_gc_for_serving()
     _Server(config).run()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
 
 from inventory_mutator.app import create_app
+from inventory_mutator.producer import AsyncProducer, Delivered
 from inventory_mutator.settings import MutatorSettings
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import decode_key, encode_key, partition_for, value_serde
@@ -176,6 +178,28 @@ def test_idempotency_key_retry_writes_once(client: TestClient, kafka_bootstrap: 
     assert other_endpoint.status_code == 200  # keys are per endpoint
 
 
+def test_overlong_idempotency_key_is_422_and_writes_nothing(
+    client: TestClient, kafka_bootstrap: str
+) -> None:
+    before = _end_offsets(kafka_bootstrap)
+    response = client.post(
+        "/inventory/adjustment",
+        json={"locationId": "STL", "sku": "1", "count": 1},
+        headers={"Idempotency-Key": "k" * 201},
+    )
+    assert response.status_code == 422
+    assert response.json()["details"][0]["field"] == "Idempotency-Key"
+    assert _end_offsets(kafka_bootstrap) == before
+
+
+def test_openapi_documents_the_body_and_the_idempotency_header(client: TestClient) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/inventory/adjustment"]["post"]
+    assert [p["name"] for p in operation["parameters"]] == ["Idempotency-Key"]
+    body = operation["requestBody"]["content"]["application/json"]
+    assert body["example"] == {"locationId": "STL", "sku": "123123", "count": "100"}
+    assert "MutationAccepted" in str(operation["responses"]["200"])
+
+
 def test_broker_down_is_503_within_the_timeout() -> None:
     settings = MutatorSettings(
         kafka_bootstrap_servers=f"127.0.0.1:{free_port()}",  # nothing listens there
@@ -238,3 +262,23 @@ def test_process_serves_the_original_command_and_stops_on_sigterm(
     log = process.log_path.read_text()
     assert f"listening on http://127.0.0.1:{port}" in log
     assert "inventory_mutator stopped" in log
+
+
+def test_concurrent_produces_are_each_acknowledged_once(kafka_bootstrap: str) -> None:
+    """Hundreds of records in flight at once: every one gets its own position, none hangs."""
+
+    async def produce_many() -> list[Delivered]:
+        producer = AsyncProducer({"bootstrap.servers": kafka_bootstrap})
+        try:
+            return await asyncio.gather(
+                *(
+                    producer.produce(INVENTORY_ADJUSTMENTS.name, b"k", b"v", n % PARTITIONS, 10.0)
+                    for n in range(300)
+                )
+            )
+        finally:
+            await asyncio.to_thread(producer.close)
+
+    delivered = asyncio.run(produce_many())
+    assert len({(d.partition, d.offset) for d in delivered}) == 300
+    assert {d.partition for d in delivered} == set(range(PARTITIONS))
