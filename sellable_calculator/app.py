@@ -187,8 +187,6 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             "behind": behind,
         }
 
-    app.include_router(operations_router(ready, runtime.metrics.registry))
-
     async def forward(request: Request, owner: InstanceInfo, timeout: float) -> Response:
         client: aiohttp.ClientSession = request.app.state.client
         # Only the path and query go to the owner's advertised URL: never a host taken
@@ -434,6 +432,8 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             owner=None if owner is None else _view(owner, me),
         )
 
+    # Last: routes are tried in order, and the inventory GET is the hot one.
+    app.include_router(operations_router(ready, runtime.metrics.registry))
     return app
 
 

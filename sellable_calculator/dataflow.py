@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -67,6 +68,9 @@ INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
 
 _IDLE_BACKOFF = timedelta(milliseconds=10)
 """How long an idle input partition waits before polling again (adds at most this latency)."""
+
+_LAG_REFRESH_SECONDS = 1.0
+"""How often an idle input partition updates its lag gauge (the statistics interval)."""
 
 Mutation = tuple[bytes, int, int, int]
 """(key bytes, count, event time ms, offset): one decoded adjustment or reservation."""
@@ -153,6 +157,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._lag = metrics.lag.labels(self._topic, str(partition))
         self._tp = TopicPartition(self._topic, partition)
         self._awake: datetime | None = None
+        self._lag_due = 0.0
 
     def next_batch(self) -> list[tuple[str, MutationBatch]]:
         if self._stop.is_set():
@@ -162,7 +167,8 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
             # Idle: come back in a few milliseconds instead of spinning. Spinning would
             # hold the GIL thousands of times a second and slow the REST API down.
             self._awake = datetime.now(UTC) + _IDLE_BACKOFF
-            self._update_lag()
+            if time.monotonic() >= self._lag_due:
+                self._update_lag()
             return []
         self._awake = None
         mutations: list[Mutation] = []
@@ -197,6 +203,8 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
                 continue
             mutations.append((key, value["count"], value["event_time"], offset))
         self._records.inc(len(messages))
+        if time.monotonic() >= self._lag_due:
+            self._update_lag()
         batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset)
         return [(self._item_key, batch)]
 
@@ -204,7 +212,9 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         return self._awake
 
     def _update_lag(self) -> None:
-        # Cached watermarks come from librdkafka's statistics: no broker round trip here.
+        # Cached watermarks come from librdkafka's statistics (refreshed once a second):
+        # no broker round trip, and no point in asking more often than they change.
+        self._lag_due = time.monotonic() + _LAG_REFRESH_SECONDS
         try:
             _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
         except Exception:  # statistics not in yet

@@ -134,4 +134,6 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
             }
         )
 
+    # Last: routes are tried in order, and the inventory GET is the hot one.
+    app.include_router(operations_router(ready, metrics.registry))
     return app
