@@ -43,10 +43,10 @@ from shared_schemas.http import (
     operations_router,
     validation_error_response,
 )
-from shared_schemas.partitioner import partition_for
+from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
 from shared_schemas.schemas import INVENTORY_MUTATION
-from shared_schemas.serde import ValueSerde, encode_key, value_serde
+from shared_schemas.serde import ValueSerde, value_serde
 from shared_schemas.topics import (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_RESERVATIONS,
@@ -270,7 +270,9 @@ def create_app(settings: MutatorSettings) -> FastAPI:
 
     async def write(spec: TopicSpec, mutation: Adjustment | Reservation) -> bytes:
         """Produce one mutation, wait for the broker's acknowledgement, return the answer."""
-        key = encode_key(mutation.locationId, mutation.sku)
+        key, partition = key_and_partition(
+            mutation.locationId, mutation.sku, settings.topic_partitions
+        )
         mutation_id = str(uuid.uuid4())
         value = serdes[spec.name].serialize(
             {
@@ -284,7 +286,7 @@ def create_app(settings: MutatorSettings) -> FastAPI:
             spec.name,
             key,
             value,
-            partition_for(key, settings.topic_partitions),
+            partition,
             settings.mutator_delivery_timeout_seconds,
         )
         topic, partition, offset = delivered.topic, delivered.partition, delivered.offset

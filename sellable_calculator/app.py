@@ -36,9 +36,8 @@ from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from shared_schemas.http import error_response, install_error_handlers, operations_router
-from shared_schemas.partitioner import partition_for
+from shared_schemas.partitioner import key_and_partition, partition_for
 from shared_schemas.positions import Position
-from shared_schemas.serde import encode_key
 
 FORWARDED_BY = "X-Forwarded-By"
 SERVED_BY = "X-Served-By"
@@ -233,8 +232,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
     )
     async def get_sellable(location: str, sku: str, request: Request) -> Response:
         started = time.perf_counter()
-        key = encode_key(location, sku)
-        partition = runtime.partition_of(key)
+        key, partition = key_and_partition(location, sku, settings.topic_partitions)
         position: list[str] = []
         timeout: float | None = None
         if request.scope["query_string"]:
@@ -423,7 +421,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         summary="Which partition and instance own one key",
     )
     async def key_metadata(location: str, sku: str) -> KeyMetadata:
-        partition = runtime.partition_of(encode_key(location, sku))
+        _, partition = key_and_partition(location, sku, settings.topic_partitions)
         owner = runtime.routing.owner(partition)
         return KeyMetadata(
             locationId=location,

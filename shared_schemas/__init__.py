@@ -15,7 +15,7 @@ Example::
 Nothing else in the project spells a topic name, derives a key or picks a partition.
 """
 
-from shared_schemas.partitioner import murmur2, partition_for
+from shared_schemas.partitioner import key_and_partition, murmur2, partition_for
 from shared_schemas.serde import (
     InventoryKey,
     SerdeError,
@@ -31,6 +31,7 @@ __all__ = [
     "ValueSerde",
     "decode_key",
     "encode_key",
+    "key_and_partition",
     "murmur2",
     "partition_for",
     "value_serde",

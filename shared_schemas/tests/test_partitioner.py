@@ -8,7 +8,7 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from shared_schemas.partitioner import murmur2, partition_for
+from shared_schemas.partitioner import key_and_partition, murmur2, partition_for
 from shared_schemas.serde import encode_key
 from shared_schemas.topics import TopicSpec, ensure_topics
 
@@ -55,3 +55,13 @@ def test_partition_for_matches_librdkafka_placement(kafka_bootstrap: str, partit
     assert len(set(placed.values())) == partitions  # the keys really spread over every partition
     mismatched = [k for k in keys if placed[k] != partition_for(k, partitions)]
     assert mismatched == []
+
+
+def test_key_and_partition_agrees_with_encode_key_and_partition_for() -> None:
+    for location, sku in [("STL", "123123"), ("NYC", "9"), ("Zürich", "ß-1"), ("STL", "123123")]:
+        key, partition = key_and_partition(location, sku, 6)
+        assert key == encode_key(location, sku)
+        assert partition == partition_for(key, 6)
+    assert key_and_partition("STL", "123123", 12)[1] == partition_for(
+        encode_key("STL", "123123"), 12
+    )
