@@ -349,7 +349,7 @@ def create_app(settings: MutatorSettings) -> FastAPI:
             problem = f"must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
             return error_response(
                 422,
-                "validation_failed",
+                "invalid_request",
                 f"Idempotency-Key: {problem}",
                 [{"field": "Idempotency-Key", "problem": problem}],
             )

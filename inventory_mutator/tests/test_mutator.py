@@ -188,6 +188,7 @@ def test_overlong_idempotency_key_is_422_and_writes_nothing(
         headers={"Idempotency-Key": "k" * 201},
     )
     assert response.status_code == 422
+    assert response.json()["error"] == "invalid_request"
     assert response.json()["details"][0]["field"] == "Idempotency-Key"
     assert _end_offsets(kafka_bootstrap) == before
 
