@@ -72,7 +72,8 @@ class AsyncProducer:
             }
         )
         self._in_flight = 0
-        self._polling = False
+        self._polling_loop: asyncio.AbstractEventLoop | None = None
+        """The loop whose _poll callback is scheduled, if any."""
         # Outcomes reported by the callbacks during one poll(). They are settled after
         # poll() returns rather than inside the callback, so a flush() from another thread
         # at shutdown never touches a future from outside its loop.
@@ -112,8 +113,9 @@ class AsyncProducer:
         heapq.heappush(
             self._deadlines, (loop.time() + timeout, next(self._sequence), future, timeout)
         )
-        if not self._polling:
-            self._polling = True
+        if self._polling_loop is not loop:
+            # Not polling yet (or the loop that was has gone, as between test clients).
+            self._polling_loop = loop
             loop.call_soon(self._poll, loop)
         return await future
 
@@ -127,8 +129,8 @@ class AsyncProducer:
             self._outcomes.clear()
             self._in_flight -= len(outcomes)
             for future, result in outcomes:
-                if future.done():
-                    continue  # it timed out already; the late outcome has nobody to tell
+                if future.done() or future.get_loop() is not loop:
+                    continue  # timed out already, or its loop is gone: nobody to tell
                 if isinstance(result, ProduceFailed):
                     future.set_exception(result)
                 else:
@@ -136,17 +138,19 @@ class AsyncProducer:
         deadlines, now = self._deadlines, loop.time()
         while deadlines and (deadlines[0][2].done() or deadlines[0][0] <= now):
             _, _, future, timeout = heapq.heappop(deadlines)
-            if not future.done():
+            if not future.done() and future.get_loop() is loop:
                 future.set_exception(
                     ProduceFailed(
                         f"no acknowledgement from Kafka within {timeout:g} s",
                         may_be_written=True,
                     )
                 )
+        if self._polling_loop is not loop:
+            return  # a newer loop took over polling
         if self._in_flight > 0:
             loop.call_later(POLL_INTERVAL_SECONDS, self._poll, loop)
         else:
-            self._polling = False
+            self._polling_loop = None
 
     def list_topics(self, timeout: float) -> set[str]:
         """Names of the broker's topics (blocking: call it from a thread)."""
