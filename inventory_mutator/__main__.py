@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from inventory_mutator.app import create_app
 from inventory_mutator.settings import MutatorSettings
 from shared_schemas.http import configure_logging, serve
+from shared_schemas.settings import unknown_settings
 
 log = logging.getLogger("inventory_mutator")
 
@@ -26,6 +27,8 @@ def main() -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for warning in unknown_settings(MutatorSettings):
+        log.warning("%s", warning)
     log.info(
         "inventory_mutator listening on http://%s:%d (Kafka %s, %d partitions)",
         settings.mutator_host,

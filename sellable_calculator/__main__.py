@@ -36,6 +36,7 @@ from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTa
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from shared_schemas.http import configure_logging, tune_gc_for_serving
+from shared_schemas.settings import unknown_settings
 from shared_schemas.topics import (
     TopicAdminError,
     TopicMismatchError,
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for warning in unknown_settings(CalculatorSettings):
+        log.warning("%s", warning)
     # The dataflow and the REST API share one interpreter: a shorter switch interval
     # hands the GIL to a waiting request sooner (the default is 5 ms).
     sys.setswitchinterval(0.0005)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
 from shared_schemas.http import configure_logging, serve
+from shared_schemas.settings import unknown_settings
 
 log = logging.getLogger("sellable_service")
 
@@ -28,6 +29,8 @@ def main() -> int:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    for warning in unknown_settings(ServiceSettings):
+        log.warning("%s", warning)
     log.info(
         "sellable_service listening on http://%s:%d (Kafka %s, topic %s; Cassandra %s:%d)",
         settings.service_host,

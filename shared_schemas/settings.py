@@ -1,10 +1,16 @@
 """Settings every service shares, read from the environment (pydantic-settings).
 
 Each service's own settings class inherits from :class:`KafkaSettings`, so the same
-variable means the same thing everywhere.
+variable means the same thing everywhere. Unknown variables are ignored by the settings
+classes (the environment holds plenty that is not ours), so each service logs the ones
+that look like its own but are none of its settings: :func:`unknown_settings`.
 """
 
 from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,3 +35,26 @@ class KafkaSettings(BaseSettings):
         DEFAULT_PARTITIONS, ge=1, description="Partition count of the co-partitioned topics."
     )
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of new topics.")
+
+
+def unknown_settings(
+    settings_class: type[KafkaSettings], environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """Warnings for variables that carry a service's own prefix but name no setting of it.
+
+    The prefixes are those of the service's own fields (``MUTATOR_``, ``CALCULATOR_``,
+    ``SERVICE_``, ``CASSANDRA_``): a typo such as ``CALCULATOR_WORKER=4`` would otherwise
+    be ignored without a word. Each warning suggests the closest real name.
+    """
+    environ = os.environ if environ is None else environ
+    own = set(settings_class.model_fields) - set(KafkaSettings.model_fields) - {"log_level"}
+    known = {name.upper() for name in settings_class.model_fields}
+    prefixes = tuple(sorted({name.split("_", 1)[0].upper() + "_" for name in own}))
+    warnings = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if name.startswith(prefixes) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{variable} is not a setting of this service; ignored{hint}")
+    return warnings
