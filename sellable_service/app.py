@@ -97,16 +97,16 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
     async def get_sellable(location: str, sku: str) -> Response:
         started = time.perf_counter()
         try:
-            row = await table.get(location, sku)
+            count = await table.sellable_count(location, sku)
         except CassandraUnavailable as exc:
             return _unavailable(exc)
         finally:
             get_seconds.observe(time.perf_counter() - started)
-        if row is None:
+        if count is None:
             return error_response(
                 404, "not_found", f"no sellable inventory for location {location!r}, sku {sku!r}"
             )
-        return _json({"locationId": location, "sku": sku, "count": row.count})
+        return _json({"locationId": location, "sku": sku, "count": count})
 
     @app.get(
         "/inventory/locations/{location}/skus",
