@@ -184,7 +184,12 @@ def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: P
     restarted.wait_ready(
         lambda: httpx.get(victim_url + "/health/live").status_code == 200, timeout=60
     )
-    system.wait_all_agree(location, expected, timeout=120)
+    try:
+        system.wait_all_agree(location, expected, timeout=120)
+    except AssertionError as exc:
+        # The log of the restarted instance is what tells why (it is gone after the run).
+        tail = restarted.log_path.read_text(errors="replace").splitlines()[-40:]
+        raise AssertionError(f"{exc}\n--- {restarted.log_path}:\n" + "\n".join(tail)) from None
 
 
 def _zombie(pid: int) -> bool:

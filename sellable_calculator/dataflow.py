@@ -69,6 +69,9 @@ INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
 _IDLE_BACKOFF = timedelta(milliseconds=10)
 """How long an idle input partition waits before polling again (adds at most this latency)."""
 
+_OUT_OF_RANGE_RETRY = timedelta(milliseconds=500)
+"""How long a partition waits before asking again for an offset the broker called out of range."""
+
 _LAG_REFRESH_SECONDS = 1.0
 """How often an idle input partition updates its lag gauge (the statistics interval)."""
 
@@ -177,7 +180,9 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         for message in messages:
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
+                if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                    self._retry_offset(error)
+                elif error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error on %s: %s", self._tp, error)
                 continue
             offset = message.offset()
@@ -210,6 +215,25 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
 
     def next_awake(self) -> datetime | None:
         return self._awake
+
+    def _retry_offset(self, error: KafkaError) -> None:
+        """The broker says our next offset is out of range: ask again in a moment.
+
+        Seen with the embedded broker right after a restart, when it briefly reports a
+        log end below records already read. With Kafka it can also mean the records are
+        gone (retention, a recreated topic); then this repeats, loudly, rather than
+        silently skipping or recounting mutations.
+        """
+        log.warning(
+            "%s[%d]: offset %d is out of range on the broker (%s); retrying in %g s",
+            self._topic,
+            self._partition,
+            self._next_offset,
+            error.str(),
+            _OUT_OF_RANGE_RETRY.total_seconds(),
+        )
+        self._consumer.seek(TopicPartition(self._topic, self._partition, self._next_offset))
+        self._awake = datetime.now(UTC) + _OUT_OF_RANGE_RETRY
 
     def _update_lag(self) -> None:
         # Cached watermarks come from librdkafka's statistics (refreshed once a second):
@@ -267,9 +291,15 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
                 "stats_cb": lambda _: None,
                 "fetch.wait.max.ms": 50,
                 "queued.max.messages.kbytes": 65536,
+                # Never jump elsewhere on "offset out of range": jumping to the end would
+                # skip mutations, to the start would count them twice. The partition
+                # reports the error and seeks back to where its state says it is.
+                "auto.offset.reset": "error",
             }
         )
         consumer.assign([TopicPartition(INPUT_TOPICS[kind], partition, next_offset)])
+        start = "from the beginning" if resume_state is None else f"from offset {next_offset}"
+        log.info("reading %s[%d] %s", INPUT_TOPICS[kind], partition, start)
         serde = value_serde(
             INVENTORY_MUTATION, INPUT_TOPICS[kind], self._settings.schema_registry_url
         )
