@@ -57,12 +57,8 @@ class CalculatorRuntime:
     """Input end offsets seen at start; the instance is ready once it has applied them."""
 
     def owns(self, key: bytes) -> bool:
-        """Whether this instance owns the partition of ``key``."""
-        return self.partition_of(key) in self.routing.me.partitions
-
-    def partition_of(self, key: bytes) -> int:
-        """The partition of ``key`` in every co-partitioned topic."""
-        return partition_for(key, self.settings.topic_partitions)
+        """Whether this instance owns the partition of ``key`` (in every input topic)."""
+        return partition_for(key, self.settings.topic_partitions) in self.routing.me.partitions
 
 
 class SellableInventory(BaseModel):

@@ -170,8 +170,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
             # Idle: come back in a few milliseconds instead of spinning. Spinning would
             # hold the GIL thousands of times a second and slow the REST API down.
             self._awake = datetime.now(UTC) + _IDLE_BACKOFF
-            if time.monotonic() >= self._lag_due:
-                self._update_lag()
+            self._update_lag()
             return []
         self._awake = None
         mutations: list[Mutation] = []
@@ -208,8 +207,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
                 continue
             mutations.append((key, value["count"], value["event_time"], offset))
         self._records.inc(len(messages))
-        if time.monotonic() >= self._lag_due:
-            self._update_lag()
+        self._update_lag()
         batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset)
         return [(self._item_key, batch)]
 
@@ -236,9 +234,13 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._awake = datetime.now(UTC) + _OUT_OF_RANGE_RETRY
 
     def _update_lag(self) -> None:
+        """Refresh the lag gauge, at most once per _LAG_REFRESH_SECONDS."""
         # Cached watermarks come from librdkafka's statistics (refreshed once a second):
         # no broker round trip, and no point in asking more often than they change.
-        self._lag_due = time.monotonic() + _LAG_REFRESH_SECONDS
+        now = time.monotonic()
+        if now < self._lag_due:
+            return
+        self._lag_due = now + _LAG_REFRESH_SECONDS
         try:
             _, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
         except Exception:  # statistics not in yet
