@@ -16,7 +16,6 @@ ratios. The issue's targets: local >= 0.8 and forwarded >= 0.4 of bare FastAPI.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -29,7 +28,13 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import infra
-from benchmarks.load import Target, bare_fastapi, measure_in_rounds, print_ratios
+from benchmarks.load import (
+    Target,
+    bare_fastapi,
+    load_arguments,
+    measure_in_rounds,
+    print_ratios,
+)
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -48,10 +53,7 @@ def _sku_owned_by(index: int) -> str:
 
 def main() -> None:
     """Start everything, measure the three, print the table and the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = load_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
     with ExitStack() as stack:
         bootstrap = infra.kafka(stack)

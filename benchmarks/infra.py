@@ -5,6 +5,7 @@ Example::
     with ExitStack() as stack:
         bootstrap = kafka(stack)
         endpoint = cassandra(stack)   # CassandraEndpoint
+        service = sellable_service(stack, bootstrap, endpoint, port=9093)
 
 ``KAFKA_BOOTSTRAP_SERVERS`` / ``CASSANDRA_CONTACT_POINTS`` (with ``CASSANDRA_PORT`` and
 ``CASSANDRA_PROTOCOL_VERSION``) point a benchmark at real servers; otherwise fresh
@@ -14,6 +15,7 @@ embedded ones start on free ports and stop when ``stack`` closes.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -25,7 +27,7 @@ from local_stack.cassandra import (
     EmbeddedCassandra,
     external_cassandra,
 )
-from local_stack.process import free_port
+from local_stack.process import ManagedProcess, free_port
 
 
 def kafka(stack: ExitStack) -> str:
@@ -49,12 +51,33 @@ def cassandra(stack: ExitStack) -> CassandraEndpoint:
     return CassandraEndpoint(server.contact_points, server.port, PROTOCOL_VERSION)
 
 
-def service_env(endpoint: CassandraEndpoint) -> dict[str, str]:
-    """The sellable service's Cassandra settings for ``endpoint``."""
-    env = {
+def sellable_service(
+    stack: ExitStack, bootstrap: str, endpoint: CassandraEndpoint, port: int, **env: str
+) -> ManagedProcess:
+    """Start the sellable service on ``port`` against ``bootstrap`` and ``endpoint``.
+
+    ``env`` adds or overrides settings (keyspace, consumer group, …); the process stops
+    when ``stack`` closes.
+    """
+    cassandra_env = {
         "CASSANDRA_CONTACT_POINTS": ",".join(endpoint.contact_points),
         "CASSANDRA_PORT": str(endpoint.port),
     }
     if endpoint.protocol_version:
-        env["CASSANDRA_PROTOCOL_VERSION"] = str(endpoint.protocol_version)
-    return env
+        cassandra_env["CASSANDRA_PROTOCOL_VERSION"] = str(endpoint.protocol_version)
+    process = stack.enter_context(
+        ManagedProcess(
+            "service",
+            [sys.executable, "-m", "sellable_service"],
+            env={
+                **os.environ,
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "SERVICE_PORT": str(port),
+                "LOG_LEVEL": "WARNING",
+                **cassandra_env,
+                **env,
+            },
+        )
+    )
+    process.start()
+    return process

@@ -23,6 +23,7 @@ per-round ratios (each round's are shown too).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -141,6 +142,15 @@ def run_wrk(
         float(p99),
         float(worst),
     )
+
+
+def load_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser with the options every HTTP benchmark takes: --seconds, --concurrency, --rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
+    parser.add_argument("--concurrency", type=int, default=32, help="open connections")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each server takes")
+    return parser
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ rounds; the ratio is the median of the rounds' ratios. The issue's target: >= 0.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from contextlib import ExitStack
@@ -20,7 +19,13 @@ import httpx
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import infra
-from benchmarks.load import Target, bare_fastapi, measure_in_rounds, print_ratios
+from benchmarks.load import (
+    Target,
+    bare_fastapi,
+    load_arguments,
+    measure_in_rounds,
+    print_ratios,
+)
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas.topics import ensure_topics
 
@@ -29,10 +34,7 @@ BODY = '{"locationId":"STL","sku":"123123","count":"1"}'
 
 def main() -> None:
     """Start the broker, the mutator and the baseline; load each; print the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = load_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
     with ExitStack() as stack:
         bootstrap = infra.kafka(stack)

@@ -17,10 +17,7 @@ of the rounds' ratios. The issue's target: service >= 0.6 of bare FastAPI.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
-import sys
 import threading
 import time
 import uuid
@@ -33,9 +30,15 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import infra
-from benchmarks.load import Target, bare_fastapi, measure_in_rounds, print_ratios
+from benchmarks.load import (
+    Target,
+    bare_fastapi,
+    load_arguments,
+    measure_in_rounds,
+    print_ratios,
+)
 from local_stack.cassandra import CassandraEndpoint
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
 from shared_schemas.topics import SELLABLE_INVENTORY as TOPIC
@@ -96,10 +99,7 @@ def raw_driver_reads(
 
 def main() -> None:
     """Start everything, measure the three, print the table and the ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = load_arguments(__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=float, default=15.0, help="warm-up seconds per server")
     args = parser.parse_args()
     keyspace = f"bench_{uuid.uuid4().hex[:8]}"
@@ -119,19 +119,14 @@ def main() -> None:
         )
         producer.flush(10)
         port = free_port()
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            **infra.service_env(endpoint),
-            "SERVICE_PORT": str(port),
-            "CASSANDRA_KEYSPACE": keyspace,
-            "SERVICE_CONSUMER_GROUP": f"bench-{keyspace}",
-            "LOG_LEVEL": "WARNING",
-        }
-        service = stack.enter_context(
-            ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
+        service = infra.sellable_service(
+            stack,
+            bootstrap,
+            endpoint,
+            port,
+            CASSANDRA_KEYSPACE=keyspace,
+            SERVICE_CONSUMER_GROUP=f"bench-{keyspace}",
         )
-        service.start()
         url = f"http://127.0.0.1:{port}/inventory/locations/STL/skus/123123"
         service.wait_ready(lambda: httpx.get(url).status_code == 200, 90)
 

@@ -11,7 +11,6 @@ same run, as the baseline. The issue's target: >= 20,000 records/s.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import uuid
@@ -22,7 +21,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import infra
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
 from shared_schemas.topics import TopicSpec, ensure_topics
@@ -85,20 +84,15 @@ def main() -> None:
         consumer.close()
 
         port = free_port()
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "SERVICE_PORT": str(port),
-            "SERVICE_TOPIC": topic.name,
-            "SERVICE_CONSUMER_GROUP": f"bench-{topic.name}",
-            **infra.service_env(endpoint),
-            "CASSANDRA_KEYSPACE": f"bench_{uuid.uuid4().hex[:8]}",
-            "LOG_LEVEL": "WARNING",
-        }
-        service = stack.enter_context(
-            ManagedProcess("service", [sys.executable, "-m", "sellable_service"], env=env)
+        service = infra.sellable_service(
+            stack,
+            bootstrap,
+            endpoint,
+            port,
+            SERVICE_TOPIC=topic.name,
+            SERVICE_CONSUMER_GROUP=f"bench-{topic.name}",
+            CASSANDRA_KEYSPACE=f"bench_{uuid.uuid4().hex[:8]}",
         )
-        service.start()
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(timeout=5) as client:
             service.wait_ready(lambda: client.get(url + "/health/live").status_code == 200, 60)
