@@ -16,7 +16,6 @@ ratios. The issue's targets: local >= 0.8 and forwarded >= 0.4 of bare FastAPI.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from benchmarks.load import (
     measure_in_rounds,
     print_ratios,
 )
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, ensure_topics
@@ -63,21 +62,17 @@ def main() -> None:
         urls = []
         for index in range(2):
             port = free_port()
-            env = {
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "TOPIC_PARTITIONS": str(PARTITIONS),
-                "CALCULATOR_PORT": str(port),
-                "CALCULATOR_INSTANCE_INDEX": str(index),
-                "CALCULATOR_INSTANCE_ID": f"bench-{run}-{index}",
-                "CALCULATOR_STATE_DIR": state,
-            }
-            process = stack.enter_context(
-                ManagedProcess(
-                    f"calculator-{index}", [sys.executable, "-m", "sellable_calculator"], env=env
-                )
+            process = infra.python_module(
+                stack,
+                f"calculator-{index}",
+                "sellable_calculator",
+                KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+                TOPIC_PARTITIONS=str(PARTITIONS),
+                CALCULATOR_PORT=str(port),
+                CALCULATOR_INSTANCE_INDEX=str(index),
+                CALCULATOR_INSTANCE_ID=f"bench-{run}-{index}",
+                CALCULATOR_STATE_DIR=state,
             )
-            process.start()
             url = f"http://127.0.0.1:{port}"
             process.wait_ready(lambda u=url: httpx.get(u + "/health/ready").status_code == 200, 60)
             urls.append(url)

@@ -65,18 +65,25 @@ def sellable_service(
     }
     if endpoint.protocol_version:
         cassandra_env["CASSANDRA_PROTOCOL_VERSION"] = str(endpoint.protocol_version)
+    return python_module(
+        stack,
+        "service",
+        "sellable_service",
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        SERVICE_PORT=str(port),
+        **cassandra_env,
+        **env,
+    )
+
+
+def python_module(stack: ExitStack, name: str, module: str, **env: str) -> ManagedProcess:
+    """Start ``python -m module`` with ``env`` on top of this environment (warnings-only
+    logs unless ``LOG_LEVEL`` is given); it stops when ``stack`` closes."""
     process = stack.enter_context(
         ManagedProcess(
-            "service",
-            [sys.executable, "-m", "sellable_service"],
-            env={
-                **os.environ,
-                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "SERVICE_PORT": str(port),
-                "LOG_LEVEL": "WARNING",
-                **cassandra_env,
-                **env,
-            },
+            name,
+            [sys.executable, "-m", module],
+            env={**os.environ, "LOG_LEVEL": "WARNING", **env},
         )
     )
     process.start()

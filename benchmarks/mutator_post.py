@@ -11,8 +11,6 @@ rounds; the ratio is the median of the rounds' ratios. The issue's target: >= 0.
 
 from __future__ import annotations
 
-import os
-import sys
 from contextlib import ExitStack
 
 import httpx
@@ -26,7 +24,7 @@ from benchmarks.load import (
     measure_in_rounds,
     print_ratios,
 )
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from shared_schemas.topics import ensure_topics
 
 BODY = '{"locationId":"STL","sku":"123123","count":"1"}'
@@ -40,19 +38,13 @@ def main() -> None:
         bootstrap = infra.kafka(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), 6)
         port = free_port()
-        mutator = stack.enter_context(
-            ManagedProcess(
-                "mutator",
-                [sys.executable, "-m", "inventory_mutator"],
-                env={
-                    **os.environ,
-                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                    "MUTATOR_PORT": str(port),
-                    "LOG_LEVEL": "WARNING",
-                },
-            )
+        mutator = infra.python_module(
+            stack,
+            "mutator",
+            "inventory_mutator",
+            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+            MUTATOR_PORT=str(port),
         )
-        mutator.start()
         url = f"http://127.0.0.1:{port}"
         mutator.wait_ready(lambda: httpx.get(url + "/health/ready").status_code == 200, 60)
         with bare_fastapi() as bare_url:
