@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,15 @@ def keyspace() -> str:
     return f"test_{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture
+def new_settings(
+    kafka_bootstrap: str, cassandra_endpoint: CassandraEndpoint, topic: str, keyspace: str
+) -> Callable[[], ServiceSettings]:
+    """Settings for the shared Cassandra, this test's topic and keyspace; each call has a
+    consumer group of its own."""
+    return lambda: _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+
+
 def _count(client: TestClient, location: str, sku: str) -> int | None:
     response = client.get(f"/inventory/locations/{location}/skus/{sku}")
     return response.json()["count"] if response.status_code == 200 else None
@@ -105,13 +114,9 @@ def _metric(client: TestClient, name: str) -> float:
 
 
 def test_records_appear_in_cassandra_and_through_get(
-    kafka_bootstrap: str,
-    cassandra_endpoint: CassandraEndpoint,
-    topic: str,
-    keyspace: str,
-    publisher: Publisher,
+    new_settings: Callable[[], ServiceSettings], keyspace: str, publisher: Publisher
 ) -> None:
-    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    settings = new_settings()
     with TestClient(create_app(settings)) as client:
         publisher.send("STL", "123123", 90, on_hand=100)
         publisher.send("KC", "1", 5)
@@ -137,13 +142,9 @@ def test_records_appear_in_cassandra_and_through_get(
 
 
 def test_location_listing_pages(
-    kafka_bootstrap: str,
-    cassandra_endpoint: CassandraEndpoint,
-    topic: str,
-    keyspace: str,
-    publisher: Publisher,
+    new_settings: Callable[[], ServiceSettings], publisher: Publisher
 ) -> None:
-    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    settings = new_settings()
     expected = {f"sku-{i:02d}": i for i in range(25)}
     with TestClient(create_app(settings)) as client:
         for sku, count in expected.items():
@@ -173,13 +174,9 @@ def test_location_listing_pages(
 
 
 def test_replayed_and_reordered_records_do_not_regress(
-    kafka_bootstrap: str,
-    cassandra_endpoint: CassandraEndpoint,
-    topic: str,
-    keyspace: str,
-    publisher: Publisher,
+    new_settings: Callable[[], ServiceSettings], publisher: Publisher
 ) -> None:
-    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    settings = new_settings()
     for count in (10, 20, 30):
         publisher.send("REPLAY", "a", count)
     publisher.flush()
@@ -196,7 +193,7 @@ def test_replayed_and_reordered_records_do_not_regress(
         )
         assert _count(client, "REPLAY", "a") == 30
     # A whole replay of the topic by a fresh consumer group into the same table.
-    replay = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    replay = new_settings()
     with TestClient(create_app(replay)) as client:
         wait_until(lambda: _metric(client, "service_rows_written_total") >= 1)
         assert _count(client, "REPLAY", "a") == 30
@@ -206,13 +203,9 @@ def test_replayed_and_reordered_records_do_not_regress(
 
 
 def test_undecodable_records_are_skipped_and_counted(
-    kafka_bootstrap: str,
-    cassandra_endpoint: CassandraEndpoint,
-    topic: str,
-    keyspace: str,
-    publisher: Publisher,
+    new_settings: Callable[[], ServiceSettings], publisher: Publisher
 ) -> None:
-    settings = _settings(kafka_bootstrap, cassandra_endpoint, topic, keyspace)
+    settings = new_settings()
     key = encode_key("BAD", "x")
     partition = partition_for(key, PARTITIONS)
     publisher.raw(key, b"not avro", partition)
