@@ -25,11 +25,12 @@ from types import FrameType
 import uvicorn
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from sellable_calculator.app import CalculatorRuntime, create_app
 from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
+from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
@@ -67,6 +68,79 @@ def _end_offsets(settings: CalculatorSettings) -> dict[tuple[str, int], int]:
         }
     finally:
         consumer.close()
+
+
+def _missing_records(
+    settings: CalculatorSettings, positions: dict[tuple[str, int], int]
+) -> dict[str, int]:
+    """``{"topic:partition": offset}`` where the broker has no record the store applied.
+
+    Asks for the last record each position says was applied (``position - 1``): if the
+    broker returns it, the topic holds it, whatever its end offset says.
+    """
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": "unused",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "error",
+            "fetch.wait.max.ms": 100,
+        }
+    )
+    missing: dict[str, int] = {}
+    try:
+        for (topic, partition), position in positions.items():
+            consumer.assign([TopicPartition(topic, partition, position - 1)])
+            deadline = time.monotonic() + 5
+            found = False
+            while not found and time.monotonic() < deadline:
+                message = consumer.poll(0.2)
+                if message is not None and message.error() is None:
+                    found = message.offset() == position - 1
+                    break
+                if message is not None and message.error().code() == KafkaError._AUTO_OFFSET_RESET:
+                    break
+            if not found:
+                missing[f"{topic}:{partition}"] = position - 1
+    finally:
+        consumer.close()
+    return missing
+
+
+def _warn_if_state_is_from_other_topics(
+    settings: CalculatorSettings,
+    store: SellableStore,
+    end_offsets: dict[tuple[str, int], int],
+) -> None:
+    """Warn when the store applied records the broker does not have (a reset broker).
+
+    The embedded broker reports end offsets a few records behind what consumers already
+    read, so an end offset below the store's position means nothing by itself: only a
+    record that is really missing does.
+    """
+    ahead = {
+        (topic, partition): applied
+        for (topic, partition), applied in store.positions().items()
+        if (topic, partition) in end_offsets and applied > end_offsets[(topic, partition)]
+    }
+    if not ahead:
+        return
+    missing = _missing_records(settings, ahead)
+    if not missing:
+        log.info(
+            "the broker's end offsets lag the store's positions %s, but it has those records",
+            {f"{t}:{p}": (o, end_offsets[(t, p)]) for (t, p), o in ahead.items()},
+        )
+        return
+    log.warning(
+        "the state in %s was built from records the broker does not have "
+        "(partition: offset already applied %s). Was the broker reset or were the topics "
+        "recreated? Those partitions stay not ready until the topics reach that offset. "
+        "If the topics really are new, stop this instance, delete that directory (or set "
+        "CALCULATOR_STATE_DIR elsewhere) and start again.",
+        settings.instance_dir,
+        missing,
+    )
 
 
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
@@ -136,23 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         init_db_dir(recovery_dir, max(1, settings.calculator_workers))
         log.info("created recovery partitions in %s", recovery_dir)
     store = SellableStore(settings.instance_dir / "store")
-    ahead = {
-        f"{topic}:{partition}": (applied, end_offsets.get((topic, partition), 0))
-        for (topic, partition), applied in store.positions().items()
-        if (topic, partition) in end_offsets and applied > end_offsets[(topic, partition)]
-    }
-    if ahead:
-        # A warning, not a refusal: the embedded broker was seen reporting end offsets a
-        # few records behind what consumers had already read, so "ahead" is only a hint.
-        log.warning(
-            "the state in %s has applied more than the topics seem to hold "
-            "(partition: (applied, end offset) %s). Was the broker reset? If so, stop, "
-            "delete that directory (or set CALCULATOR_STATE_DIR) and start again.",
-            settings.instance_dir,
-            ahead,
-        )
+    _warn_if_state_is_from_other_topics(settings, store, end_offsets)
     progress = Progress(store.positions())
     metrics = CalculatorMetrics()
+    health = DataflowHealth()
     me = InstanceInfo.of(settings)
     routing = RoutingTable(me)
     follower = RoutingFollower(routing, settings)
@@ -165,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics,
         dataflow_running=lambda: not dataflow_done.is_set(),
         end_offsets_at_start=end_offsets,
+        health=health,
     )
     stop = threading.Event()
 
@@ -192,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.calculator_port,
             settings.advertised_url,
         )
-        flow = build_dataflow(settings, store, progress, metrics, stop)
+        flow = build_dataflow(settings, store, progress, metrics, stop, health)
         cli_main(
             flow,
             workers_per_process=settings.calculator_workers,

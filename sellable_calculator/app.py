@@ -30,6 +30,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from sellable_calculator.dataflow import INPUT_TOPICS
+from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
@@ -55,6 +56,8 @@ class CalculatorRuntime:
     dataflow_running: Callable[[], bool] = lambda: True
     end_offsets_at_start: dict[tuple[str, int], int] = field(default_factory=dict)
     """Input end offsets seen at start; the instance is ready once it has applied them."""
+    health: DataflowHealth = field(default_factory=DataflowHealth)
+    """Whether the dataflow can read its input, and which partitions still replay."""
 
     def owns(self, key: bytes) -> bool:
         """Whether this instance owns the partition of ``key`` (in every input topic)."""
@@ -175,11 +178,15 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             if runtime.progress.reached(topic, partition) < end
         }
         running = runtime.dataflow_running()
+        input_problems = runtime.health.problems()
+        replaying = runtime.health.replaying()
         return {
-            "ready": running and not behind,
+            "ready": running and not behind and not input_problems and not replaying,
             "instance": me.instance_id,
             "dataflowRunning": running,
             "behind": behind,
+            "inputProblems": input_problems,
+            "replaying": replaying,
         }
 
     async def forward(request: Request, owner: InstanceInfo, timeout: float) -> Response:

@@ -3,7 +3,7 @@
 Example (what ``python -m sellable_calculator`` does, minus the REST API)::
 
     from bytewax.run import cli_main
-    flow = build_dataflow(settings, store, progress, metrics, stop=threading.Event())
+    flow = build_dataflow(settings, store, progress, metrics, stop, DataflowHealth())
     cli_main(flow, workers_per_process=1, epoch_interval=timedelta(seconds=2),
              recovery_config=RecoveryConfig(recovery_dir))
 
@@ -25,11 +25,15 @@ The shape is a Kafka Streams task per partition, made explicit::
   (same key bytes, same partition), waits for the broker's acknowledgement, and only then
   writes the values together with the new input positions to the store.
 
-Recovery: Bytewax snapshots the sums together with the source offsets at every epoch, so
-a crash resumes from a consistent point and replays what came after it: nothing is lost
-or counted twice. The sink skips replayed values the store already holds (their inputs
-are all below the store's positions), so the store and the topic do not step back while
-a restarted instance catches up.
+Recovery: Bytewax snapshots the sums, the input offsets they include and the source
+offsets together at every epoch, so a crash resumes from a consistent point and replays
+what came after it: nothing is lost or counted twice. After a kill -9 the store is usually
+*ahead* of that snapshot (it is written every batch, the snapshot every epoch), and the
+two input topics replay through separate consumers, in no particular order relative to
+each other. So while a partition replays what its store already holds, its changes are
+held back (the store keeps serving the values it had, which were true); once both inputs
+have caught up with the store's positions, every key whose sums differ from the store is
+published and stored in one go. See :class:`PartitionSums`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
@@ -50,6 +54,7 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from sellable_calculator.health import DataflowHealth, input_problem
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
@@ -92,22 +97,14 @@ class MutationBatch:
 
 
 @dataclass(frozen=True, slots=True)
-class SellableChange:
-    """A key's new sellable value and the newest input offsets it includes (-1: none)."""
-
-    value: Sellable
-    adjustment_offset: int
-    reservation_offset: int
-
-
-@dataclass(frozen=True, slots=True)
 class PartitionUpdate:
     """What one run of :class:`PartitionSums` changed in one partition."""
 
     partition: int
-    changes: dict[bytes, SellableChange]
+    changes: dict[bytes, Sellable]
+    """The new value of every key that changed."""
     next_offsets: dict[int, int]
-    """Next offset to apply per input kind seen in this run."""
+    """Next offset to apply per input kind: the positions the values bring the store to."""
 
 
 class MisplacedKeyError(SerdeError):
@@ -144,6 +141,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         batch_size: int,
         stop: threading.Event,
         metrics: CalculatorMetrics,
+        health: DataflowHealth,
     ) -> None:
         self._consumer = consumer
         self._kind = kind
@@ -161,10 +159,20 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._tp = TopicPartition(self._topic, partition)
         self._awake: datetime | None = None
         self._lag_due = 0.0
+        self._health = health
+        self._out_of_range: str | None = None
+        self._started = False
+        health.expect_input(self._topic, partition)
 
     def next_batch(self) -> list[tuple[str, MutationBatch]]:
         if self._stop.is_set():
             raise StopIteration  # a clean shutdown: Bytewax finishes the epoch and exits
+        if not self._started:
+            # One empty batch first, so every partition's sums look at the store once at
+            # start (to hold back a replay, or repair the store) even if no record comes.
+            self._started = True
+            first = MutationBatch(self._kind, self._partition, [], self._next_offset)
+            return [(self._item_key, first)]
         messages = self._consumer.consume(self._batch_size, 0)
         if not messages:
             # Idle: come back in a few milliseconds instead of spinning. Spinning would
@@ -186,6 +194,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
                 continue
             offset = message.offset()
             self._next_offset = offset + 1
+            self._out_of_range = None
             key = message.key()
             try:
                 if key is None or message.value() is None:
@@ -230,8 +239,15 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
             error.str(),
             _OUT_OF_RANGE_RETRY.total_seconds(),
         )
+        self._out_of_range = f"offset {self._next_offset} is out of range on the broker"
+        self._health.report_input(self._topic, self._partition, self._out_of_range)
         self._consumer.seek(TopicPartition(self._topic, self._partition, self._next_offset))
         self._awake = datetime.now(UTC) + _OUT_OF_RANGE_RETRY
+
+    def on_statistics(self, statistics: str) -> None:
+        """librdkafka's statistics (once a second, from inside ``consume``): report health."""
+        problem = self._out_of_range or input_problem(statistics, self._topic, self._partition)
+        self._health.report_input(self._topic, self._partition, problem)
 
     def _update_lag(self) -> None:
         """Refresh the lag gauge, at most once per _LAG_REFRESH_SECONDS."""
@@ -263,10 +279,12 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         settings: CalculatorSettings,
         stop: threading.Event,
         metrics: CalculatorMetrics,
+        health: DataflowHealth,
     ) -> None:
         self._settings = settings
         self._stop = stop
         self._metrics = metrics
+        self._health = health
         self._key_check = _KeyCheck(settings.topic_partitions)
 
     def list_parts(self) -> list[str]:
@@ -282,6 +300,12 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         kind_text, _, partition_text = for_part.partition(":")
         kind, partition = int(kind_text), int(partition_text)
         next_offset = OFFSET_BEGINNING if resume_state is None else resume_state
+        part: _MutationPartition | None = None
+
+        def on_statistics(statistics: str) -> None:
+            if part is not None:
+                part.on_statistics(statistics)
+
         consumer = Consumer(
             {
                 "bootstrap.servers": self._settings.kafka_bootstrap_servers,
@@ -290,7 +314,8 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "statistics.interval.ms": 1000,
-                "stats_cb": lambda _: None,
+                # Statistics feed the cached watermarks (lag) and the readiness report.
+                "stats_cb": on_statistics,
                 "fetch.wait.max.ms": 50,
                 "queued.max.messages.kbytes": 65536,
                 # Never jump elsewhere on "offset out of range": jumping to the end would
@@ -305,7 +330,7 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         serde = value_serde(
             INVENTORY_MUTATION, INPUT_TOPICS[kind], self._settings.schema_registry_url
         )
-        return _MutationPartition(
+        part = _MutationPartition(
             consumer,
             kind,
             partition,
@@ -315,7 +340,9 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
             self._settings.calculator_batch_size,
             self._stop,
             self._metrics,
+            self._health,
         )
+        return part
 
 
 KeySums = tuple[int, int, bool, int]
@@ -324,52 +351,133 @@ KeySums = tuple[int, int, bool, int]
 _NO_SUMS: KeySums = (0, 0, False, 0)
 
 
-class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, dict[bytes, KeySums]]):
-    """Running sums of every key of one partition.
+class PartitionState(NamedTuple):
+    """The recovery state of one partition: its sums and the input offsets they include."""
+
+    sums: dict[bytes, KeySums]
+    applied: dict[int, int]
+    """Next offset to apply per input kind (ADJUSTMENT / RESERVATION); absent: none yet."""
+
+
+def _sellable(sums: KeySums) -> Sellable:
+    on_hand, reserved, _, updated_at = sums
+    return Sellable(on_hand - reserved, on_hand, reserved, updated_at)
+
+
+class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, PartitionState]):
+    """Running sums of every key of one partition, and when they may be published.
+
+    Normally every batch publishes the keys it changed. After a restart the first batch
+    compares the sums' input offsets with the positions the store has reached:
+
+    * **Replaying** (the store is ahead, as after a kill -9 between two snapshots): the
+      sums apply the replayed mutations but publish nothing. The two inputs replay through
+      separate consumers, so a value computed half-way mixes new adjustments with old
+      reservations (or the reverse): a number that was never true. The store keeps its
+      own, true values meanwhile.
+    * **Caught up** (every input's offset is at or past the store's): every key whose sums
+      differ from the store is published at once with the new positions, and from then on
+      each batch publishes what it changed. Comparing every key, not only the replayed
+      ones, also repairs a store that is *behind* the snapshot.
 
     Values in the state dict are immutable tuples, so a shallow copy is a consistent
     snapshot even while later batches replace entries.
     """
 
-    def __init__(self, resume: dict[bytes, KeySums] | None) -> None:
-        self._sums: dict[bytes, KeySums] = dict(resume or {})
+    def __init__(
+        self,
+        resume: PartitionState | None,
+        store: SellableStore,
+        health: DataflowHealth | None = None,
+    ) -> None:
+        if resume is not None and not isinstance(resume, PartitionState):
+            raise TypeError(
+                "the recovery state was written by an older version of the calculator; "
+                "delete the instance's state directory (CALCULATOR_STATE_DIR) and start again"
+            )
+        self._sums: dict[bytes, KeySums] = dict(resume.sums) if resume else {}
+        self._applied: dict[int, int] = dict(resume.applied) if resume else {}
+        self._store = store
+        self._health = health
+        self._replay_until: dict[int, int] | None = None
+        """Store positions to reach before publishing; None until the first batch."""
 
     def on_batch(self, values: list[MutationBatch]) -> tuple[Iterable[PartitionUpdate], bool]:
+        partition = values[0].partition
+        if self._replay_until is None:
+            self._replay_until = self._store_positions(partition)
+        changed = self._apply(values)
+        if self._replay_until:
+            if self._replaying():
+                return [], StatefulBatchLogic.RETAIN
+            changed = self._differing_from_store()
+            log.info(
+                "partition %d caught up with its store at %s: %d key(s) published",
+                partition,
+                self._positions_text(),
+                len(changed),
+            )
+            self._replay_until = {}
+            if self._health is not None:
+                self._health.set_replaying(partition, False)
         sums = self._sums
-        changes: dict[bytes, SellableChange] = {}
-        next_offsets: dict[int, int] = {}
+        changes = {key: _sellable(sums[key]) for key in changed}
+        update = PartitionUpdate(partition, changes, dict(self._applied))
+        return [update], StatefulBatchLogic.RETAIN
+
+    def _apply(self, values: list[MutationBatch]) -> set[bytes]:
+        """Add the batches to the sums; the keys that exist and changed."""
+        sums = self._sums
+        changed: set[bytes] = set()
         for batch in values:
             adjusting = batch.kind == ADJUSTMENT
-            for key, count, event_time, offset in batch.mutations:
+            for key, count, event_time, _offset in batch.mutations:
                 on_hand, reserved, exists, updated_at = sums.get(key, _NO_SUMS)
                 if adjusting:
                     on_hand += count
                     exists = True
                 else:
                     reserved += count
-                updated_at = max(updated_at, event_time)
-                sums[key] = (on_hand, reserved, exists, updated_at)
+                sums[key] = (on_hand, reserved, exists, max(updated_at, event_time))
                 if exists:
-                    previous = changes.get(key)
-                    adj, res = (
-                        (-1, -1)
-                        if previous is None
-                        else (
-                            previous.adjustment_offset,
-                            previous.reservation_offset,
-                        )
-                    )
-                    changes[key] = SellableChange(
-                        Sellable(on_hand - reserved, on_hand, reserved, updated_at),
-                        offset if adjusting else adj,
-                        res if adjusting else offset,
-                    )
-            next_offsets[batch.kind] = batch.next_offset
-        partition = values[0].partition
-        return [PartitionUpdate(partition, changes, next_offsets)], StatefulBatchLogic.RETAIN
+                    changed.add(key)
+            self._applied[batch.kind] = batch.next_offset
+        return changed
 
-    def snapshot(self) -> dict[bytes, KeySums]:
-        return dict(self._sums)
+    def _store_positions(self, partition: int) -> dict[int, int]:
+        """The store's positions this partition's sums must reach before publishing."""
+        stored = self._store.positions()
+        until = {
+            kind: stored[(INPUT_TOPICS[kind], partition)]
+            for kind in (ADJUSTMENT, RESERVATION)
+            if (INPUT_TOPICS[kind], partition) in stored
+        }
+        # Always at least one entry, so the first batch compares the sums with the store.
+        until = until or {ADJUSTMENT: 0}
+        if self._replaying(until):
+            log.info(
+                "partition %d replays up to the store's positions %s before publishing",
+                partition,
+                {INPUT_TOPICS[kind]: offset for kind, offset in until.items()},
+            )
+            if self._health is not None:
+                self._health.set_replaying(partition, True)
+        return until
+
+    def _replaying(self, until: dict[int, int] | None = None) -> bool:
+        until = self._replay_until if until is None else until
+        return any(self._applied.get(kind, 0) < offset for kind, offset in (until or {}).items())
+
+    def _differing_from_store(self) -> set[bytes]:
+        """Keys whose sums are not what the store holds (a full pass, once per start)."""
+        get = self._store.get
+        return {key for key, sums in self._sums.items() if sums[2] and get(key) != _sellable(sums)}
+
+    def _positions_text(self) -> str:
+        return ", ".join(f"{INPUT_TOPICS[k]}@{o}" for k, o in sorted(self._applied.items()))
+
+    def snapshot(self) -> PartitionState:
+        return PartitionState(dict(self._sums), dict(self._applied))
 
 
 class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]):
@@ -402,19 +510,8 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
             self._failures.append(str(err))
 
     def write_batch(self, items: list[tuple[str, PartitionUpdate]]) -> None:
-        stored = self._store.positions()
-        writes: list[tuple[PartitionUpdate, dict[bytes, Sellable]]] = []
         for _, update in items:
-            # A value whose inputs all lie below the store's positions is a replay after
-            # a recovery: the store (and the topic) already have it or something newer.
-            adj_done = stored.get((INPUT_TOPICS[ADJUSTMENT], update.partition), 0)
-            res_done = stored.get((INPUT_TOPICS[RESERVATION], update.partition), 0)
-            fresh = {
-                key: change.value
-                for key, change in update.changes.items()
-                if change.adjustment_offset >= adj_done or change.reservation_offset >= res_done
-            }
-            for key, value in fresh.items():
+            for key, value in update.changes.items():
                 record = {
                     "count": value.count,
                     "on_hand": value.on_hand,
@@ -422,22 +519,22 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                     "updated_at": value.updated_at,
                 }
                 self._produce(key, self._serde.serialize(record), update.partition)
-            writes.append((update, fresh))
         # Publish first, store second: the store never claims a position whose values
-        # the topic has not acknowledged, so skipping replays above is always safe.
+        # the topic has not acknowledged, so after a crash the store is never ahead of
+        # the topic (and PartitionSums may hold back a replay until it reaches the store).
         remaining = self._producer.flush(60)
         if remaining or self._failures:
             raise RuntimeError(
                 f"could not publish sellable inventory ({remaining} unacknowledged): "
                 f"{self._failures[:3]}"
             )
-        for update, fresh in writes:
+        for _, update in items:
             positions = {
                 (INPUT_TOPICS[kind], update.partition): offset
                 for kind, offset in update.next_offsets.items()
             }
-            self._store.apply(fresh, positions)
-            self._published.inc(len(fresh))
+            self._store.apply(update.changes, positions)
+            self._published.inc(len(update.changes))
             for (topic, partition), offset in positions.items():
                 self._progress.advance(topic, partition, offset)
 
@@ -481,10 +578,13 @@ def build_dataflow(
     progress: Progress,
     metrics: CalculatorMetrics,
     stop: threading.Event,
+    health: DataflowHealth,
 ) -> Dataflow:
     """The calculator's dataflow for the partitions ``settings`` says this instance owns."""
     flow = Dataflow("sellable_calculator")
-    batches = op.input("mutations", flow, MutationSource(settings, stop, metrics))
-    updates = op.stateful_batch("sums", batches, PartitionSums)
+    batches = op.input("mutations", flow, MutationSource(settings, stop, metrics, health))
+    updates = op.stateful_batch(
+        "sums", batches, lambda resume: PartitionSums(resume, store, health)
+    )
     op.output("sellable", updates, SellableSink(settings, store, progress, metrics))
     return flow

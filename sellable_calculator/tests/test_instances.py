@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -10,7 +11,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
+import pytest
+
 from local_stack.process import ManagedProcess, free_port
+from sellable_calculator.__main__ import _warn_if_state_is_from_other_topics
+from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from sellable_calculator.tests.conftest import (
     PARTITIONS,
@@ -295,5 +301,36 @@ def test_state_ahead_of_the_topics_is_reported(
     )
     with process:
         process.start()
-        process.wait_ready(lambda: "Was the broker reset?" in process.log_tail(40), timeout=60)
-        assert "inventory_adjustments:0" in process.log_tail(40)
+        process.wait_ready(lambda: "the broker does not have" in process.log_tail(40), timeout=60)
+        assert "'inventory_adjustments:0': 999999999" in process.log_tail(40)
+        # Partition 0 holds back until the topic reaches the store: not ready meanwhile.
+        ready = wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready").json())
+        assert ready["status"] == "not_ready"
+        wait_until(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready").json()["replaying"] == [0]
+        )
+
+
+def test_end_offsets_that_lag_behind_records_the_broker_has_are_no_reason_to_warn(
+    kafka_bootstrap: str, mutations: Mutations, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded broker's end offsets lag: a store 'ahead' of them is checked, not feared."""
+    location = unique_location("LAG")
+    sku = sku_owned_by(0, location)
+    position = mutations.adjust(location, sku, 1)
+    settings = CalculatorSettings(
+        kafka_bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS
+    )
+    store = SellableStore(tmp_path / "store")
+    store.apply({}, {(position.topic, position.partition): position.offset + 1})
+    lagging = {(position.topic, position.partition): position.offset - 2}
+    with caplog.at_level(logging.INFO, logger="sellable_calculator"):
+        _warn_if_state_is_from_other_topics(settings, store, lagging)
+    assert "lag the store's positions" in caplog.text
+    assert "does not have" not in caplog.text
+    store.apply({}, {(position.topic, position.partition): position.offset + 50})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sellable_calculator"):
+        _warn_if_state_is_from_other_topics(settings, store, lagging)
+    assert "the broker does not have" in caplog.text
+    store.close()

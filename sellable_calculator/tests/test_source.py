@@ -10,6 +10,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from sellable_calculator.dataflow import ADJUSTMENT, MutationSource
+from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.settings import CalculatorSettings
 from shared_schemas import key_and_partition, value_serde
@@ -65,7 +66,7 @@ def test_a_resume_offset_past_the_end_waits_for_it_without_jumping(
     end = _produce(kafka_bootstrap, location, skus[:1])[0] + 1
     # The state says three records past the end were already counted.
     resume = end + 3
-    source = MutationSource(settings, threading.Event(), CalculatorMetrics())
+    source = MutationSource(settings, threading.Event(), CalculatorMetrics(), DataflowHealth())
     part = source.build_part("mutations", f"{ADJUSTMENT}:{PARTITION}", resume)
     try:
         for _ in range(10):  # nothing to read yet, and no jump to another offset

@@ -1,4 +1,4 @@
-"""Unit tests of the calculator's pieces: sums, store, progress, routing, settings."""
+"""Unit tests of the calculator's pieces: store, progress, routing, settings."""
 
 from __future__ import annotations
 
@@ -8,12 +8,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from sellable_calculator.dataflow import (
-    ADJUSTMENT,
-    RESERVATION,
-    MutationBatch,
-    PartitionSums,
-)
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
@@ -22,47 +16,6 @@ from shared_schemas.serde import encode_key
 
 STL = encode_key("STL", "123123")
 KC = encode_key("KC", "1")
-
-
-def _run(logic: PartitionSums, *batches: MutationBatch):  # type: ignore[no-untyped-def]
-    (update,), retain = logic.on_batch(list(batches))
-    assert retain is False  # RETAIN: the per-partition state lives on
-    return update
-
-
-def test_sums_are_on_hand_minus_reserved_per_key() -> None:
-    logic = PartitionSums(None)
-    update = _run(
-        logic,
-        MutationBatch(ADJUSTMENT, 2, [(STL, 100, 1_000, 0), (KC, 7, 1_001, 1)], 2),
-        MutationBatch(RESERVATION, 2, [(STL, 10, 2_000, 0)], 1),
-    )
-    assert update.partition == 2
-    assert update.changes[STL].value == Sellable(90, 100, 10, 2_000)
-    assert update.changes[KC].value == Sellable(7, 7, 0, 1_001)
-    assert (update.changes[STL].adjustment_offset, update.changes[STL].reservation_offset) == (0, 0)
-    assert update.next_offsets == {ADJUSTMENT: 2, RESERVATION: 1}
-
-
-def test_key_exists_once_adjusted_and_earlier_reservations_count() -> None:
-    logic = PartitionSums(None)
-    update = _run(logic, MutationBatch(RESERVATION, 0, [(STL, 10, 5, 3)], 4))
-    assert update.changes == {}  # the left join: no adjustment, no key
-    assert update.next_offsets == {RESERVATION: 4}  # progress still moves
-    update = _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 100, 6, 0)], 1))
-    assert update.changes[STL].value == Sellable(90, 100, 10, 6)
-    assert update.changes[STL].reservation_offset == -1  # no reservation in this run
-
-
-def test_negative_adjustments_and_resume_from_snapshot() -> None:
-    logic = PartitionSums(None)
-    _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 100, 1, 0), (STL, -30, 2, 1)], 2))
-    snapshot = logic.snapshot()
-    _run(logic, MutationBatch(ADJUSTMENT, 0, [(STL, 1_000, 3, 2)], 3))
-    assert snapshot[STL] == (70, 0, True, 2)  # the snapshot did not see the later batch
-    resumed = PartitionSums(snapshot)
-    update = _run(resumed, MutationBatch(RESERVATION, 0, [(STL, 5, 4, 0)], 1))
-    assert update.changes[STL].value == Sellable(65, 70, 5, 4)
 
 
 def test_store_values_positions_and_location_scan(tmp_path: Path) -> None:
