@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: up test install fetch lint format compare wrk bench-calculator bench-mutator bench-service clean
+.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-mutator bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -42,6 +42,11 @@ format: install
 # Both query sides measured side by side; COMPARE_ARGS="--duration 60 --keys 500" etc.
 compare: fetch
 	$(PY) -m comparison $(COMPARE_ARGS)
+
+# Repeated kill -9 trials of a calculator on the whole system; prints its counts.
+# CHAOS_ARGS="--trials 50 --keys 24" etc. Minutes, so not part of make test.
+chaos: fetch
+	$(PY) -m benchmarks.chaos $(CHAOS_ARGS)
 
 # The load generator: wrk, from Debian's packages.
 wrk:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from integration_tests.conftest import PARTITIONS, System
-from local_stack.process import ManagedProcess
+from local_stack.system import calculator_process
 from local_stack.testing import wait_until
 from shared_schemas import encode_key, partition_for
 
@@ -129,28 +127,6 @@ def test_concurrent_load_ends_exact_on_all_three_sides(system: System) -> None:
     system.wait_all_agree(location, expected, timeout=120)
 
 
-def _calculator_process(port: int) -> tuple[int, list[str], dict[str, str], str]:
-    """pid, command line, environment and cwd of the calculator listening on ``port``."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"sellable_calculator" not in cmdline:
-                continue
-            environ = dict(
-                item.split("=", 1)
-                for item in (proc / "environ").read_bytes().decode().split("\0")
-                if "=" in item
-            )
-            if environ.get("CALCULATOR_PORT") == str(port):
-                argv = [part.decode() for part in cmdline if part]
-                return int(proc.name), argv, environ, str((proc / "cwd").resolve())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    raise AssertionError(f"no calculator process listens on port {port}")
-
-
 def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: Path) -> None:
     location = _location("CRASH")
     skus = [f"sku-{i}" for i in range(24)]
@@ -162,12 +138,11 @@ def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: P
 
     victim_url, survivor_url = system.calculators[1], system.calculators[0]
     port = int(victim_url.rsplit(":", 1)[1])
-    pid, argv, environ, cwd = _calculator_process(port)
+    victim = calculator_process(port)
     own = [s for s in skus if partition_for(encode_key(location, s), PARTITIONS) % 2 == 0]
     assert own, "the survivor owns some of the keys"
 
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), timeout=10)
+    victim.kill()
     for sku in skus:  # writes keep being accepted while the instance is down
         system.reserve(location, sku, 7)
         expected[sku] -= 7
@@ -176,10 +151,7 @@ def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: P
         lambda: all(system.count_at(survivor_url, location, s) == expected[s] for s in own),
         timeout=60,
     )
-    restarted = ManagedProcess(
-        "calculator-1-restarted", argv, env=environ, cwd=Path(cwd), log_dir=log_dir
-    )
-    restarted.start()
+    restarted = victim.restarted("calculator-1-restarted", log_dir)
     system.replacements.append(restarted)  # it serves the remaining tests, like the original
     restarted.wait_ready(
         lambda: httpx.get(victim_url + "/health/live").status_code == 200, timeout=60
@@ -190,13 +162,6 @@ def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: P
         # The log of the restarted instance is what tells why (it is gone after the run).
         tail = restarted.log_path.read_text(errors="replace").splitlines()[-40:]
         raise AssertionError(f"{exc}\n--- {restarted.log_path}:\n" + "\n".join(tail)) from None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_location_listing_on_both_sides(system: System) -> None:

@@ -14,8 +14,10 @@ system at external servers are removed: what starts here is the embedded system.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,3 +103,57 @@ def started_system(
         )
     finally:
         process.stop(grace=60)
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    """A running service process as the operating system sees it: enough to start it again."""
+
+    pid: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """kill -9, and wait until the process is gone (or a zombie nobody reaps)."""
+        os.kill(self.pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while not _gone(self.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"process {self.pid} still runs {timeout} s after SIGKILL")
+            time.sleep(0.05)
+
+    def restarted(self, name: str, log_dir: Path) -> ManagedProcess:
+        """Start the same command with the same environment and directory (not waited for)."""
+        process = ManagedProcess(name, self.argv, env=self.env, cwd=self.cwd, log_dir=log_dir)
+        process.start()
+        return process
+
+
+def calculator_process(port: int) -> ServiceProcess:
+    """The calculator process whose ``CALCULATOR_PORT`` is ``port`` (Linux ``/proc``)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"sellable_calculator" not in cmdline:
+                continue
+            environ = dict(
+                item.split("=", 1)
+                for item in (proc / "environ").read_bytes().decode().split("\0")
+                if "=" in item
+            )
+            if environ.get("CALCULATOR_PORT") == str(port) and not _gone(int(proc.name)):
+                argv = [part.decode() for part in cmdline if part]
+                return ServiceProcess(int(proc.name), argv, environ, (proc / "cwd").resolve())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    raise LookupError(f"no calculator process listens on port {port}")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True

@@ -38,6 +38,7 @@ published and stored in one go. See :class:`PartitionSums`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -52,7 +53,14 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from sellable_calculator.health import DataflowHealth, input_problem
 from sellable_calculator.metrics import CalculatorMetrics
@@ -487,47 +495,44 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         store: SellableStore,
         progress: Progress,
         metrics: CalculatorMetrics,
+        stop: threading.Event,
     ) -> None:
+        self._settings = settings
         self._store = store
         self._progress = progress
         self._published = metrics.published
+        self._stop = stop
         self._serde = value_serde(
             SELLABLE_SCHEMA, SELLABLE_INVENTORY.name, settings.schema_registry_url
         )
-        self._producer = Producer(
+        self._producer = self._new_producer()
+        self._failures: list[KafkaError] = []
+
+    def _new_producer(self) -> Producer:
+        return Producer(
             {
-                "bootstrap.servers": settings.kafka_bootstrap_servers,
+                "bootstrap.servers": self._settings.kafka_bootstrap_servers,
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
                 "compression.type": "lz4",
             }
         )
-        self._failures: list[str] = []
 
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
+    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
         if err is not None:
-            self._failures.append(str(err))
+            self._failures.append(err)
 
     def write_batch(self, items: list[tuple[str, PartitionUpdate]]) -> None:
-        for _, update in items:
-            for key, value in update.changes.items():
-                record = {
-                    "count": value.count,
-                    "on_hand": value.on_hand,
-                    "reserved": value.reserved,
-                    "updated_at": value.updated_at,
-                }
-                self._produce(key, self._serde.serialize(record), update.partition)
+        records = [
+            (update.partition, key, self._serde.serialize(_record(value)))
+            for _, update in items
+            for key, value in update.changes.items()
+        ]
         # Publish first, store second: the store never claims a position whose values
         # the topic has not acknowledged, so after a crash the store is never ahead of
         # the topic (and PartitionSums may hold back a replay until it reaches the store).
-        remaining = self._producer.flush(60)
-        if remaining or self._failures:
-            raise RuntimeError(
-                f"could not publish sellable inventory ({remaining} unacknowledged): "
-                f"{self._failures[:3]}"
-            )
+        self._publish(records)
         for _, update in items:
             positions = {
                 (INPUT_TOPICS[kind], update.partition): offset
@@ -537,6 +542,51 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
             self._published.inc(len(update.changes))
             for (topic, partition), offset in positions.items():
                 self._progress.advance(topic, partition, offset)
+
+    def _publish(self, records: list[tuple[int, bytes, bytes]]) -> None:
+        """Publish ``records`` in order and wait until the broker acknowledged every one.
+
+        The idempotent producer retries by itself, in order and without duplicates, so a
+        slow or paused broker only means waiting (readiness says not ready meanwhile: the
+        sources are not polled). A fatal error (the broker fenced the producer's session
+        after a long pause) or a failed delivery means publishing the whole batch again,
+        in order, with a new producer if the old one is dead: every record is an upsert
+        of a key's latest value, so a duplicate is harmless and the newest value of each
+        key stays the last one. A stop request while the broker does not answer fails
+        the dataflow (exit status 1); recovery resumes from the last snapshot.
+        """
+        for attempt in itertools.count(1):
+            self._failures.clear()
+            try:
+                for partition, key, value in records:
+                    self._produce(key, value, partition)
+                while (remaining := self._producer.flush(5)) and not self._fatal():
+                    log.warning("waiting for the broker to acknowledge %d value(s)", remaining)
+                    if self._stop.is_set():
+                        raise RuntimeError(f"stopping with {remaining} value(s) unacknowledged")
+            except KafkaException as exc:  # produce() on a producer in its fatal state
+                self._failures.append(exc.args[0])
+            if not self._failures:
+                return
+            fatal = self._fatal()
+            log.warning(
+                "publishing %d sellable value(s) failed (%s); attempt %d%s",
+                len(records),
+                self._failures[0].str(),
+                attempt,
+                ", with a new producer" if fatal else "",
+            )
+            if self._stop.is_set():
+                raise RuntimeError(
+                    f"stopping with sellable values unpublished: {self._failures[0]}"
+                )
+            if fatal:
+                self._producer.purge()
+                self._producer = self._new_producer()
+            time.sleep(min(attempt * 0.5, 5.0))
+
+    def _fatal(self) -> bool:
+        return any(error.fatal() for error in self._failures)
 
     def _produce(self, key: bytes, value: bytes, partition: int) -> None:
         while True:
@@ -553,7 +603,17 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                 self._producer.poll(0.05)  # local queue full: let deliveries drain
 
     def close(self) -> None:
-        self._producer.flush(30)
+        self._producer.flush(5)
+
+
+def _record(value: Sellable) -> dict[str, int]:
+    """The ``sellable_inventory`` record of one value."""
+    return {
+        "count": value.count,
+        "on_hand": value.on_hand,
+        "reserved": value.reserved,
+        "updated_at": value.updated_at,
+    }
 
 
 class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
@@ -565,8 +625,9 @@ class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
         store: SellableStore,
         progress: Progress,
         metrics: CalculatorMetrics,
+        stop: threading.Event,
     ) -> None:
-        self._args = (settings, store, progress, metrics)
+        self._args = (settings, store, progress, metrics, stop)
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SellableSinkPartition:
         return _SellableSinkPartition(*self._args)
@@ -586,5 +647,5 @@ def build_dataflow(
     updates = op.stateful_batch(
         "sums", batches, lambda resume: PartitionSums(resume, store, health)
     )
-    op.output("sellable", updates, SellableSink(settings, store, progress, metrics))
+    op.output("sellable", updates, SellableSink(settings, store, progress, metrics, stop))
     return flow

@@ -1,0 +1,138 @@
+"""Repeated kill -9 trials of a calculator on the whole system, with the counts printed.
+
+    make chaos                                   # 20 trials
+    .venv/bin/python -m benchmarks.chaos --trials 50 --keys 24
+
+Starts the system as ``make up`` does (on free ports, state in a temporary home), then
+per trial, on a location of its own:
+
+1. adjusts every key by +100 through the mutator and waits until both calculators and
+   the Cassandra service answer 100;
+2. kills one calculator with SIGKILL (the instances take turns);
+3. while it is down, reserves 7 of every key and adjusts every other key by +1: the
+   shapes that once left a restarted instance with wrong values for good;
+4. starts it again with the same command, environment and state directory;
+5. waits until every key reads its expected value on every reader and every part answers
+   ``/health/ready`` with 200.
+
+A trial is *exact* when step 5 is reached within ``--timeout`` seconds, *wrong* when a
+reader still disagrees then (the differing answers are printed). Exits 1 if any was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from local_stack.process import ManagedProcess
+from local_stack.system import RunningSystem, calculator_process, started_system
+from local_stack.testing import wait_until
+
+
+def _post(
+    client: httpx.Client, system: RunningSystem, kind: str, key: tuple[str, str], count: int
+) -> None:
+    location, sku = key
+    answer = client.post(
+        f"{system.mutator}/inventory/{kind}",
+        json={"locationId": location, "sku": sku, "count": count},
+    )
+    answer.raise_for_status()
+
+
+def _wrong(
+    client: httpx.Client, system: RunningSystem, location: str, expected: dict[str, int]
+) -> dict[str, tuple[int | None, int]]:
+    """``{"reader sku": (actual, expected)}`` for every answer that differs."""
+    wrong: dict[str, tuple[int | None, int]] = {}
+    for reader in [system.service, *system.calculators]:
+        for sku, count in expected.items():
+            answer = client.get(f"{reader}/inventory/locations/{location}/skus/{sku}")
+            actual = answer.json()["count"] if answer.status_code == 200 else None
+            if actual != count:
+                wrong[f"{reader} {sku}"] = (actual, count)
+    return wrong
+
+
+def _all_ready(client: httpx.Client, system: RunningSystem) -> bool:
+    parts = [system.mutator, system.service, *system.calculators]
+    return all(client.get(f"{part}/health/ready").status_code == 200 for part in parts)
+
+
+def trial(
+    client: httpx.Client,
+    system: RunningSystem,
+    victim: str,
+    keys: int,
+    timeout: float,
+    restarted: list[ManagedProcess],
+) -> dict[str, tuple[int | None, int]]:
+    """One kill -9 trial; the answers still wrong after ``timeout`` (empty: exact)."""
+    location = f"CHAOS-{uuid.uuid4().hex[:8]}"
+    expected = {f"sku-{n}": 100 for n in range(keys)}
+    for sku in expected:
+        _post(client, system, "adjustment", (location, sku), 100)
+    wait_until(lambda: not _wrong(client, system, location, expected), timeout=timeout)
+    process = calculator_process(int(victim.rsplit(":", 1)[1]))
+    process.kill()
+    for n, sku in enumerate(expected):
+        _post(client, system, "reservation", (location, sku), 7)
+        expected[sku] -= 7
+        if n % 2:
+            _post(client, system, "adjustment", (location, sku), 1)
+            expected[sku] += 1
+    logs = system.process.log_path.parent
+    restarted.append(process.restarted(f"calculator-{victim.rsplit(':', 1)[1]}", logs))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not _wrong(client, system, location, expected) and _all_ready(client, system):
+                return {}
+        except httpx.HTTPError:
+            pass  # the restarted instance is not listening yet
+        time.sleep(0.25)
+    return _wrong(client, system, location, expected)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trials and print the counts."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
+    parser.add_argument("--trials", type=int, default=20, help="kill -9 trials (default 20)")
+    parser.add_argument("--keys", type=int, default=24, help="keys per trial (default 24)")
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds a trial may take to end exact"
+    )
+    args = parser.parse_args(argv)
+    exact = wrong = 0
+    restarted: list[ManagedProcess] = []
+    with tempfile.TemporaryDirectory() as home, started_system(Path(home)) as system:
+        logs = system.process.log_path.parent
+        print(f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys", flush=True)
+        with httpx.Client(timeout=15) as client:
+            for n in range(args.trials):
+                victim = system.calculators[n % len(system.calculators)]
+                started = time.monotonic()
+                differing = trial(client, system, victim, args.keys, args.timeout, restarted)
+                took = time.monotonic() - started
+                if differing:
+                    wrong += 1
+                    sample = dict(list(differing.items())[:6])
+                    print(f"trial {n + 1}: WRONG after {took:.0f} s: {sample}", flush=True)
+                else:
+                    exact += 1
+                    print(f"trial {n + 1}: exact ({victim} killed, {took:.1f} s)", flush=True)
+            print(f"{exact} exact, {wrong} wrong of {args.trials} kill -9 trials", flush=True)
+        # Restarted instances are not children of the system: stop them with it.
+        for process in restarted:
+            process.stop()
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Readiness tells the truth about the input: a frozen or killed broker makes it 503.
+
+A broker of its own per test, so freezing and killing it disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import httpx
+from confluent_kafka.admin import AdminClient
+
+from local_stack.broker import EmbeddedBroker
+from local_stack.process import free_port
+from local_stack.testing import wait_until
+from sellable_calculator.tests.conftest import PARTITIONS, Calculator
+from shared_schemas.topics import ensure_topics
+
+
+def _ready(calculator: Calculator) -> httpx.Response:
+    return httpx.get(calculator.url + "/health/ready", timeout=5)
+
+
+def test_a_frozen_or_killed_broker_makes_the_calculator_not_ready(tmp_path: Path) -> None:
+    with EmbeddedBroker(port=free_port(), log_dir=tmp_path) as broker:
+        ensure_topics(AdminClient({"bootstrap.servers": broker.bootstrap_servers}), PARTITIONS)
+        port = free_port()
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "TOPIC_PARTITIONS": str(PARTITIONS),
+            "CALCULATOR_PORT": str(port),
+            "CALCULATOR_INSTANCE_COUNT": "1",
+            "CALCULATOR_INSTANCE_ID": f"ready-{uuid.uuid4().hex[:6]}",
+            "CALCULATOR_STATE_DIR": str(tmp_path),
+        }
+        calculator = Calculator(0, port, env, tmp_path / "logs")
+        calculator.start()
+        try:
+            wait_until(lambda: _ready(calculator).status_code == 200, timeout=30)
+            assert broker.process.pid is not None
+            os.kill(broker.process.pid, signal.SIGSTOP)
+            try:
+                frozen = wait_until(lambda: _ready(calculator).status_code == 503, timeout=20)
+                assert frozen
+                problems = _ready(calculator).json()["inputProblems"]
+                assert "inventory_adjustments:0" in problems, problems
+            finally:
+                os.kill(broker.process.pid, signal.SIGCONT)
+            wait_until(lambda: _ready(calculator).status_code == 200, timeout=30)
+            broker.process.kill()
+            wait_until(lambda: _ready(calculator).status_code == 503, timeout=20)
+            # It keeps serving what it has meanwhile (and says it is not ready).
+            assert calculator.get("/health/live").status_code == 200
+        finally:
+            assert calculator.process is not None
+            calculator.process.stop()
