@@ -8,7 +8,9 @@ per trial, on a location of its own:
 
 1. adjusts every key by +100 through the mutator and waits until both calculators and
    the Cassandra service answer 100;
-2. kills one calculator with SIGKILL (the instances take turns);
+2. starts a stream of writes on other keys of the location (+2 and -1 in turns) that
+   runs until the victim is back, and kills one calculator with SIGKILL mid-stream
+   (the instances take turns);
 3. while it is down, reserves 7 of every key and adjusts every other key by +1: the
    shapes that once left a restarted instance with wrong values for good;
 4. starts it again with the same command, environment and state directory;
@@ -22,8 +24,12 @@ reader still disagrees then (the differing answers are printed). Exits 1 if any 
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -65,6 +71,55 @@ def _all_ready(client: httpx.Client, system: RunningSystem) -> bool:
     return all(client.get(f"{part}/health/ready").status_code == 200 for part in parts)
 
 
+class _Load:
+    """Writes on keys of their own in the background, so a kill lands mid-stream.
+
+    Only answers of 200 count into ``expected``; anything else (there should be none:
+    the broker is healthy) makes the key ambiguous, and it is left out of the check.
+    """
+
+    def __init__(self, system: RunningSystem, location: str, keys: int) -> None:
+        self._system = system
+        self._location = location
+        self.expected = {f"load-{n}": 100 for n in range(keys)}  # adjusted +100 first
+        self.ambiguous: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load")
+
+    def __enter__(self) -> _Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def checked(self) -> dict[str, int]:
+        """The load keys' expected values, ambiguous ones left out."""
+        with self._lock:
+            return {k: v for k, v in self.expected.items() if k not in self.ambiguous}
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=15) as client:
+            for n in itertools.count():
+                if self._stop.is_set():
+                    return
+                sku = f"load-{n % len(self.expected)}"
+                kind, delta = (
+                    ("adjustment", 2) if n // len(self.expected) % 2 else ("reservation", -1)
+                )
+                try:
+                    _post(client, self._system, kind, (self._location, sku), abs(delta))
+                except httpx.HTTPError:
+                    with self._lock:
+                        self.ambiguous.add(sku)
+                    continue
+                with self._lock:
+                    self.expected[sku] += delta
+                time.sleep(0.002)
+
+
 def trial(
     client: httpx.Client,
     system: RunningSystem,
@@ -76,19 +131,26 @@ def trial(
     """One kill -9 trial; the answers still wrong after ``timeout`` (empty: exact)."""
     location = f"CHAOS-{uuid.uuid4().hex[:8]}"
     expected = {f"sku-{n}": 100 for n in range(keys)}
-    for sku in expected:
+    load = _Load(system, location, keys)
+    for sku in [*expected, *load.expected]:  # every key exists before the kill
         _post(client, system, "adjustment", (location, sku), 100)
     wait_until(lambda: not _wrong(client, system, location, expected), timeout=timeout)
     process = calculator_process(int(victim.rsplit(":", 1)[1]))
-    process.kill()
-    for n, sku in enumerate(expected):
-        _post(client, system, "reservation", (location, sku), 7)
-        expected[sku] -= 7
-        if n % 2:
-            _post(client, system, "adjustment", (location, sku), 1)
-            expected[sku] += 1
-    logs = system.process.log_path.parent
-    restarted.append(process.restarted(f"calculator-{victim.rsplit(':', 1)[1]}", logs))
+    with load:
+        time.sleep(random.uniform(0.2, 1.5))  # the kill lands mid-stream, at no fixed point
+        process.kill()
+        for n, sku in enumerate(expected):
+            _post(client, system, "reservation", (location, sku), 7)
+            expected[sku] -= 7
+            if n % 2:
+                _post(client, system, "adjustment", (location, sku), 1)
+                expected[sku] += 1
+        logs = system.process.log_path.parent
+        restarted.append(process.restarted(f"calculator-{victim.rsplit(':', 1)[1]}", logs))
+        time.sleep(random.uniform(0.5, 3.0))  # writes go on while it restarts and replays
+    expected.update(load.checked())
+    if load.ambiguous:
+        print(f"  {len(load.ambiguous)} load key(s) left out: a write was not answered 200")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -98,6 +160,10 @@ def trial(
             pass  # the restarted instance is not listening yet
         time.sleep(0.25)
     return _wrong(client, system, location, expected)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,26 +177,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     exact = wrong = 0
     restarted: list[ManagedProcess] = []
+    # SIGTERM stops everything started here, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory() as home, started_system(Path(home)) as system:
         logs = system.process.log_path.parent
         print(f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys", flush=True)
-        with httpx.Client(timeout=15) as client:
-            for n in range(args.trials):
-                victim = system.calculators[n % len(system.calculators)]
-                started = time.monotonic()
-                differing = trial(client, system, victim, args.keys, args.timeout, restarted)
-                took = time.monotonic() - started
-                if differing:
-                    wrong += 1
-                    sample = dict(list(differing.items())[:6])
-                    print(f"trial {n + 1}: WRONG after {took:.0f} s: {sample}", flush=True)
-                else:
-                    exact += 1
-                    print(f"trial {n + 1}: exact ({victim} killed, {took:.1f} s)", flush=True)
-            print(f"{exact} exact, {wrong} wrong of {args.trials} kill -9 trials", flush=True)
-        # Restarted instances are not children of the system: stop them with it.
-        for process in restarted:
-            process.stop()
+        try:
+            with httpx.Client(timeout=15) as client:
+                for n in range(args.trials):
+                    victim = system.calculators[n % len(system.calculators)]
+                    started = time.monotonic()
+                    differing = trial(client, system, victim, args.keys, args.timeout, restarted)
+                    took = time.monotonic() - started
+                    if differing:
+                        wrong += 1
+                        sample = dict(list(differing.items())[:6])
+                        print(f"trial {n + 1}: WRONG after {took:.0f} s: {sample}", flush=True)
+                    else:
+                        exact += 1
+                        print(f"trial {n + 1}: exact ({victim} killed, {took:.1f} s)", flush=True)
+        finally:
+            print(f"{exact} exact, {wrong} wrong of {exact + wrong} kill -9 trials", flush=True)
+            # Restarted instances are not children of the system: stop them with it.
+            for process in restarted:
+                process.stop()
     return 1 if wrong else 0
 
 
