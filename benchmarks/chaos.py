@@ -1,19 +1,21 @@
-"""Repeated kill -9 trials of a calculator on the whole system, with the counts printed.
+"""Repeated kill -9 (or SIGSTOP) trials of a calculator on the whole system, with counts.
 
     make chaos                                   # 20 trials
     .venv/bin/python -m benchmarks.chaos --trials 50 --keys 24
+    .venv/bin/python -m benchmarks.chaos --fault both        # kill -9 and SIGSTOP in turns
 
 Starts the system as ``make up`` does (on free ports, state in a temporary home), then
 per trial, on a location of its own:
 
-1. adjusts every key by +100 through the mutator and waits until both calculators and
-   the Cassandra service answer 100;
+1. adjusts every key by +100 through the mutator and waits until the victim answers 100
+   (its store has them, its last snapshot most likely not yet);
 2. starts a stream of writes on other keys of the location (+2 and -1 in turns) that
    runs until the victim is back, and kills one calculator with SIGKILL mid-stream
    (the instances take turns);
 3. while it is down, reserves 7 of every key and adjusts every other key by +1: the
    shapes that once left a restarted instance with wrong values for good;
-4. starts it again with the same command, environment and state directory;
+4. starts it again with the same command, environment and state directory (with
+   ``--fault freeze``: SIGSTOP instead of the kill, SIGCONT after 2-8 s);
 5. waits until every key reads its expected value on every reader and every part answers
    ``/health/ready`` with 200.
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import signal
 import sys
@@ -53,11 +56,11 @@ def _post(
 
 
 def _wrong(
-    client: httpx.Client, system: RunningSystem, location: str, expected: dict[str, int]
+    client: httpx.Client, readers: list[str], location: str, expected: dict[str, int]
 ) -> dict[str, tuple[int | None, int]]:
-    """``{"reader sku": (actual, expected)}`` for every answer that differs."""
+    """``{"reader sku": (actual, expected)}`` for every answer of ``readers`` that differs."""
     wrong: dict[str, tuple[int | None, int]] = {}
-    for reader in [system.service, *system.calculators]:
+    for reader in readers:
         for sku, count in expected.items():
             answer = client.get(f"{reader}/inventory/locations/{location}/skus/{sku}")
             actual = answer.json()["count"] if answer.status_code == 200 else None
@@ -127,39 +130,51 @@ def trial(
     keys: int,
     timeout: float,
     restarted: list[ManagedProcess],
+    freeze: bool = False,
 ) -> dict[str, tuple[int | None, int]]:
-    """One kill -9 trial; the answers still wrong after ``timeout`` (empty: exact)."""
+    """One trial (kill -9 and restart, or with ``freeze`` SIGSTOP for a few seconds and
+    SIGCONT); the answers still wrong after ``timeout`` (empty: exact)."""
     location = f"CHAOS-{uuid.uuid4().hex[:8]}"
     expected = {f"sku-{n}": 100 for n in range(keys)}
     load = _Load(system, location, keys)
     for sku in [*expected, *load.expected]:  # every key exists before the kill
         _post(client, system, "adjustment", (location, sku), 100)
-    wait_until(lambda: not _wrong(client, system, location, expected), timeout=timeout)
+    # The victim has them in its store, most likely not yet in a snapshot (one every
+    # CALCULATOR_EPOCH_SECONDS): the shape that once lost replayed writes.
+    wait_until(lambda: not _wrong(client, [victim], location, expected), timeout=timeout)
     process = calculator_process(int(victim.rsplit(":", 1)[1]))
     with load:
-        time.sleep(random.uniform(0.2, 1.5))  # the kill lands mid-stream, at no fixed point
-        process.kill()
+        time.sleep(random.uniform(0.05, 0.5))  # the fault lands mid-stream, at no fixed point
+        if freeze:
+            os.kill(process.pid, signal.SIGSTOP)
+        else:
+            process.kill()
         for n, sku in enumerate(expected):
             _post(client, system, "reservation", (location, sku), 7)
             expected[sku] -= 7
             if n % 2:
                 _post(client, system, "adjustment", (location, sku), 1)
                 expected[sku] += 1
-        logs = system.process.log_path.parent
-        restarted.append(process.restarted(f"calculator-{victim.rsplit(':', 1)[1]}", logs))
+        if freeze:
+            time.sleep(random.uniform(2.0, 8.0))
+            os.kill(process.pid, signal.SIGCONT)
+        else:
+            logs = system.process.log_path.parent
+            restarted.append(process.restarted(f"calculator-{victim.rsplit(':', 1)[1]}", logs))
         time.sleep(random.uniform(0.5, 3.0))  # writes go on while it restarts and replays
     expected.update(load.checked())
     if load.ambiguous:
         print(f"  {len(load.ambiguous)} load key(s) left out: a write was not answered 200")
+    readers = [system.service, *system.calculators]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if not _wrong(client, system, location, expected) and _all_ready(client, system):
+            if not _wrong(client, readers, location, expected) and _all_ready(client, system):
                 return {}
         except httpx.HTTPError:
             pass  # the restarted instance is not listening yet
         time.sleep(0.25)
-    return _wrong(client, system, location, expected)
+    return _wrong(client, readers, location, expected)
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -169,25 +184,47 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the trials and print the counts."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
-    parser.add_argument("--trials", type=int, default=20, help="kill -9 trials (default 20)")
+    parser.add_argument("--trials", type=int, default=20, help="trials (default 20)")
+    parser.add_argument(
+        "--fault",
+        choices=["kill", "freeze", "both"],
+        default="kill",
+        help="kill -9 and restart, SIGSTOP for 2-8 s then SIGCONT, or both in turns",
+    )
     parser.add_argument("--keys", type=int, default=24, help="keys per trial (default 24)")
     parser.add_argument(
         "--timeout", type=float, default=120, help="seconds a trial may take to end exact"
     )
+    parser.add_argument(
+        "--epoch-seconds",
+        type=float,
+        default=30,
+        help="the calculators' snapshot interval (CALCULATOR_EPOCH_SECONDS; default 30: the "
+        "longer it is, the further a killed instance's store is ahead of its last snapshot, "
+        "and the more its restart replays)",
+    )
     args = parser.parse_args(argv)
+    os.environ["CALCULATOR_EPOCH_SECONDS"] = str(args.epoch_seconds)
     exact = wrong = 0
     restarted: list[ManagedProcess] = []
     # SIGTERM stops everything started here, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory() as home, started_system(Path(home)) as system:
         logs = system.process.log_path.parent
-        print(f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys", flush=True)
+        print(
+            f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys, "
+            f"snapshots every {args.epoch_seconds:g} s",
+            flush=True,
+        )
         try:
             with httpx.Client(timeout=15) as client:
                 for n in range(args.trials):
                     victim = system.calculators[n % len(system.calculators)]
                     started = time.monotonic()
-                    differing = trial(client, system, victim, args.keys, args.timeout, restarted)
+                    freeze = args.fault == "freeze" or (args.fault == "both" and n % 4 >= 2)
+                    differing = trial(
+                        client, system, victim, args.keys, args.timeout, restarted, freeze
+                    )
                     took = time.monotonic() - started
                     if differing:
                         wrong += 1
@@ -195,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"trial {n + 1}: WRONG after {took:.0f} s: {sample}", flush=True)
                     else:
                         exact += 1
-                        print(f"trial {n + 1}: exact ({victim} killed, {took:.1f} s)", flush=True)
+                        fault = "frozen" if freeze else "killed"
+                        print(f"trial {n + 1}: exact ({victim} {fault}, {took:.1f} s)", flush=True)
         finally:
-            print(f"{exact} exact, {wrong} wrong of {exact + wrong} kill -9 trials", flush=True)
+            counts = f"{exact} exact, {wrong} wrong of {exact + wrong} trials ({args.fault})"
+            print(counts, flush=True)
             # Restarted instances are not children of the system: stop them with it.
             for process in restarted:
                 process.stop()
