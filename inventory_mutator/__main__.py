@@ -1,7 +1,10 @@
 """Run the mutator: ``python -m inventory_mutator`` (port 9091 unless MUTATOR_PORT says otherwise).
 
-SIGTERM/SIGINT: uvicorn stops accepting requests and finishes the ones in flight, then
-the app's lifespan flushes the Kafka producer, and the process exits 0.
+SIGTERM/SIGINT: uvicorn stops accepting requests; the producer takes no new records and
+waits at most ``MUTATOR_SHUTDOWN_TIMEOUT_SECONDS`` for Kafka to acknowledge the ones in
+flight, then answers the requests still waiting (503, saying whether the event may have
+been written), whatever the broker does; uvicorn finishes those responses, the lifespan
+destroys the producer, and the process exits 0.
 """
 
 from __future__ import annotations

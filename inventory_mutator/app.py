@@ -13,7 +13,10 @@ Each accepted request is exactly one record: key = ``encode_key(location, sku)``
 partition the shared partitioner assigns that key, value = an ``InventoryMutation`` with
 a fresh mutation id and the event time. The answer (200) comes only after the broker
 acknowledged the record, and names its position; a GET on a calculator can pass that
-position back for a read-your-writes answer.
+position back for a read-your-writes answer. Otherwise the answer is a 503 that says
+whether the event may have been written or was not. A Kafka producer that can write no
+more (fatal, fenced, wedged) is replaced by a fresh one, and ``/health/ready`` is true
+only while the producer in use is known to work (see ``producer.py``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import asyncio
 import hashlib
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
+from confluent_kafka import Producer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -35,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from inventory_mutator.idempotency import IdempotencyCache, IdempotencyConflict
-from inventory_mutator.producer import AsyncProducer, Delivered, ProduceFailed
+from inventory_mutator.producer import AsyncProducer, Delivered, ProduceFailed, ProducerStatus
 from inventory_mutator.settings import MutatorSettings
 from shared_schemas.http import (
     error_response,
@@ -50,6 +57,7 @@ from shared_schemas.serde import ValueSerde, value_serde
 from shared_schemas.topics import (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_RESERVATIONS,
+    TopicMismatchError,
     TopicSpec,
     ensure_topics_when_available,
 )
@@ -58,6 +66,12 @@ log = logging.getLogger(__name__)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 MAX_ID_LENGTH = 128
+MUTATION_TOPICS = (INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS)
+
+KAFKA_CHECK_TIMEOUT_SECONDS = 2.5
+"""Longest wait for the broker's metadata answer in the broker check."""
+READINESS_TIMEOUT_SECONDS = 3.0
+"""Longest wait of ``/health/ready`` for the broker check (which goes on in the background)."""
 
 
 def _whole_number(value: Any) -> int:
@@ -164,10 +178,48 @@ IDEMPOTENCY_KEY_PARAMETER: dict[str, Any] = {
 }
 
 UNAVAILABLE_DOC = (
-    "Kafka did not acknowledge the event in time. The event **may still have been "
-    "written** (a timeout does not take it back): retry with the same `Idempotency-Key` "
-    "to be safe against a duplicate within the key's window."
+    "Kafka did not acknowledge the event (`kafka_unavailable`: unreachable, too slow, or "
+    "the producer had to be replaced), or the mutator is shutting down (`shutting_down`). "
+    "The message says whether the event **may have been written** (a timeout does not take "
+    "it back) or was not: retry with the same `Idempotency-Key` to be safe against a "
+    "duplicate within the key's window."
 )
+
+
+class TopicsMissing(RuntimeError):
+    """The mutator's topics are not on the broker (and it may not create them)."""
+
+
+def _on_stop_signals(callback: Callable[[], None]) -> Callable[[], None]:
+    """Also call ``callback`` on SIGTERM/SIGINT, before the handler installed now; return the undo.
+
+    Why: uvicorn's graceful shutdown waits for every request in flight before it runs the
+    lifespan's shutdown half, so a request waiting on a frozen broker would hold the
+    process up; the producer has to hear of the signal itself to bound those requests.
+    Only in the main thread (where uvicorn installs its handlers; a test client runs the
+    app elsewhere), and only in front of a Python handler that is already there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    installed: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            callback()
+            previous(signum, frame)
+
+        signal.signal(sig, chained)
+        installed[sig] = (chained, previous)
+
+    def undo() -> None:
+        for sig, (chained, previous) in installed.items():
+            if signal.getsignal(sig) is chained:
+                signal.signal(sig, previous)
+
+    return undo
 
 
 def create_app(settings: MutatorSettings) -> FastAPI:
@@ -192,6 +244,48 @@ def create_app(settings: MutatorSettings) -> FastAPI:
         ["topic"],
         registry=registry,
     )
+    replacements = Counter(
+        "mutator_producer_replacements",
+        "Kafka producers replaced by a fresh one (a new idempotence session) because they "
+        "could write no more",
+        registry=registry,
+    )
+    missing_topics: list[str] = []
+    """The mutator's topics the last broker check did not find (for readiness)."""
+
+    def check_broker(producer: Producer) -> bool:
+        """The producer's broker check (blocking, in a thread): can the topics take records?
+
+        One metadata round trip through the producer's own handle. Topics that are gone
+        (the embedded broker keeps them in memory: a restart loses them) are created again
+        when ``MUTATOR_ENSURE_TOPICS`` allows, and True says the broker had to be repaired.
+        """
+        metadata = producer.list_topics(timeout=KAFKA_CHECK_TIMEOUT_SECONDS)
+        missing = [spec.name for spec in MUTATION_TOPICS if spec.name not in metadata.topics]
+        missing_topics[:] = missing
+        if not missing:
+            wrong = [
+                f"{spec.name} has {len(metadata.topics[spec.name].partitions)} partitions"
+                for spec in MUTATION_TOPICS
+                if len(metadata.topics[spec.name].partitions) != settings.topic_partitions
+            ]
+            if wrong:
+                raise TopicMismatchError(
+                    f"{'; '.join(wrong)}, expected {settings.topic_partitions} (TOPIC_PARTITIONS)"
+                )
+            return False
+        if not settings.mutator_ensure_topics:
+            raise TopicsMissing(f"topics missing on the broker: {', '.join(missing)}")
+        log.warning("topics missing on the broker (was it restarted?): creating %s", missing)
+        ensure_topics_when_available(
+            settings.kafka_bootstrap_servers,
+            settings.topic_partitions,
+            settings.topic_replication_factor,
+            wait_seconds=0,
+        )
+        missing_topics.clear()
+        return True
+
     serdes: dict[str, ValueSerde] = {}
     idempotency: IdempotencyCache[bytes] = IdempotencyCache(
         settings.mutator_idempotency_window_seconds, settings.mutator_idempotency_max_keys
@@ -215,17 +309,32 @@ def create_app(settings: MutatorSettings) -> FastAPI:
                 INVENTORY_MUTATION, spec.name, settings.schema_registry_url
             )
         timeout_ms = int(settings.mutator_delivery_timeout_seconds * 1000)
-        app.state.producer = AsyncProducer(
+        producer = AsyncProducer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap_servers,
                 # librdkafka gives up when we do, so a dead broker does not leave
                 # records queued for minutes behind a request that already got its 503.
                 "message.timeout.ms": timeout_ms,
                 "socket.connection.setup.timeout.ms": min(timeout_ms, 5000),
-            }
+                # A broker that lost its topics must not get them back by auto-creation
+                # with its default partition count: that breaks co-partitioning. The
+                # broker check recreates them with the right one instead.
+                "allow.auto.create.topics": False,
+            },
+            check_broker,
+            on_replaced=lambda reason: replacements.inc(),
         )
-        yield
-        await asyncio.to_thread(app.state.producer.close)
+        app.state.producer = producer
+        loop = asyncio.get_running_loop()
+        shutdown_timeout = settings.mutator_shutdown_timeout_seconds
+        undo_signals = _on_stop_signals(
+            lambda: loop.call_soon_threadsafe(producer.begin_close, shutdown_timeout)
+        )
+        try:
+            yield
+        finally:
+            undo_signals()
+            await producer.aclose(shutdown_timeout)
 
     app = FastAPI(
         title="inventory_mutator",
@@ -257,16 +366,18 @@ def create_app(settings: MutatorSettings) -> FastAPI:
         return bytes(body)
 
     async def ready() -> dict[str, Any]:
+        """Ready when the producer in use is known to work and the broker check passes now."""
         producer: AsyncProducer = app.state.producer
-        topics = await asyncio.to_thread(producer.list_topics, 3.0)
-        missing = [
-            s.name for s in (INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS) if s.name not in topics
-        ]
-        return {
-            "ready": not missing,
+        status: ProducerStatus = await producer.readiness(READINESS_TIMEOUT_SECONDS)
+        facts: dict[str, Any] = {
+            "ready": status.ready,
             "kafka": settings.kafka_bootstrap_servers,
-            "missingTopics": missing,
+            "missingTopics": list(missing_topics),
+            "producerSession": status.session,
         }
+        if status.problem is not None:
+            facts["problem"] = status.problem
+        return facts
 
     async def write(spec: TopicSpec, mutation: Adjustment | Reservation) -> bytes:
         """Produce one mutation, wait for the broker's acknowledgement, return the answer."""
@@ -331,13 +442,18 @@ def create_app(settings: MutatorSettings) -> FastAPI:
         except ProduceFailed as exc:
             produce_errors.labels(spec.name).inc()
             log.warning("produce to %s failed: %s", spec.name, exc)
-            written = "may still have been written" if exc.may_be_written else "was not written"
-            return error_response(
-                503,
-                "kafka_unavailable",
-                f"Kafka did not acknowledge the event ({exc}); it {written}. "
-                "Retry with the same Idempotency-Key.",
-            )
+            written = "may have been written" if exc.may_be_written else "was not written"
+            if exc.error == "shutting_down":
+                message = (
+                    f"The mutator is shutting down; the event {written}. Retry with the same "
+                    "Idempotency-Key (another instance, or this one once restarted)."
+                )
+            else:
+                message = (
+                    f"Kafka did not acknowledge the event ({exc}); it {written}. "
+                    "Retry with the same Idempotency-Key."
+                )
+            return error_response(503, exc.error, message)
         return Response(body, media_type="application/json")
 
     async def validate(

@@ -28,6 +28,14 @@ class MutatorSettings(KafkaSettings):
         100_000, ge=1, description="Most Idempotency-Keys remembered at once (oldest go first)."
     )
     mutator_ensure_topics: bool = Field(
-        True, description="Create missing topics at start-up when the broker is reachable."
+        True,
+        description="Create missing topics at start-up, and again whenever the broker "
+        "is found without them (a restarted in-memory broker).",
+    )
+    mutator_shutdown_timeout_seconds: float = Field(
+        3.0,
+        gt=0,
+        description="On SIGTERM/SIGINT, longest wait for Kafka to acknowledge the records "
+        "in flight; then their requests get a 503 and the process exits.",
     )
     log_level: str = Field("INFO", description="Logging level.")

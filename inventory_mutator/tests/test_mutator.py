@@ -278,7 +278,7 @@ def test_concurrent_produces_are_each_acknowledged_once(kafka_bootstrap: str) ->
                 )
             )
         finally:
-            await asyncio.to_thread(producer.close)
+            await producer.aclose(5.0)
 
     delivered = asyncio.run(produce_many())
     assert len({(d.partition, d.offset) for d in delivered}) == 300
