@@ -516,6 +516,9 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                 "acks": "all",
                 "linger.ms": 5,
                 "compression.type": "lz4",
+                # A broker that lost its topics must not recreate them with its own
+                # partition count: co-partitioning depends on ours.
+                "allow.auto.create.topics": False,
             }
         )
 

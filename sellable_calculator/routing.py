@@ -136,7 +136,13 @@ class RoutingTable:
 
 def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 10.0) -> None:
     """Publish ``info`` on the instances topic and wait for the acknowledgement."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    producer = Producer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "acks": "all",
+            "allow.auto.create.topics": False,  # never with the broker's partition count
+        }
+    )
     failures: list[str] = []
     producer.produce(
         CALCULATOR_INSTANCES.name,
