@@ -407,27 +407,38 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
         self._applied: dict[int, int] = dict(resume.applied) if resume else {}
         self._store = store
         self._health = health
-        self._replay_until: dict[int, int] | None = None
-        """Store positions to reach before publishing; None until the first batch."""
+        self._store_reached: dict[int, int] | None = None
+        """The store's positions per input kind at start; None until the first batch."""
+        self._caught_up = False
+        """Whether the sums have reached the store and been compared with it."""
 
     def on_batch(self, values: list[MutationBatch]) -> tuple[Iterable[PartitionUpdate], bool]:
         partition = values[0].partition
-        if self._replay_until is None:
-            self._replay_until = self._store_positions(partition)
+        if self._store_reached is None:
+            self._store_reached = self._store_positions(partition)
+            if self._replaying():
+                log.info(
+                    "partition %d replays up to the store's positions %s before publishing",
+                    partition,
+                    {INPUT_TOPICS[k]: offset for k, offset in self._store_reached.items()},
+                )
+                if self._health is not None:
+                    self._health.set_replaying(partition, True)
         changed = self._apply(values)
-        if self._replay_until:
+        if not self._caught_up:
             if self._replaying():
                 return [], StatefulBatchLogic.RETAIN
             changed = self._differing_from_store()
-            log.info(
-                "partition %d caught up with its store at %s: %d key(s) published",
-                partition,
-                self._positions_text(),
-                len(changed),
-            )
-            self._replay_until = {}
+            self._caught_up = True
             if self._health is not None:
                 self._health.set_replaying(partition, False)
+            if changed:
+                log.info(
+                    "partition %d caught up with its store at %s: %d key(s) published",
+                    partition,
+                    self._positions_text(),
+                    len(changed),
+                )
         sums = self._sums
         changes = {key: _sellable(sums[key]) for key in changed}
         update = PartitionUpdate(partition, changes, dict(self._applied))
@@ -453,28 +464,18 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
         return changed
 
     def _store_positions(self, partition: int) -> dict[int, int]:
-        """The store's positions this partition's sums must reach before publishing."""
+        """The store's positions per input kind: what the sums must reach to publish."""
         stored = self._store.positions()
-        until = {
+        return {
             kind: stored[(INPUT_TOPICS[kind], partition)]
             for kind in (ADJUSTMENT, RESERVATION)
             if (INPUT_TOPICS[kind], partition) in stored
         }
-        # Always at least one entry, so the first batch compares the sums with the store.
-        until = until or {ADJUSTMENT: 0}
-        if self._replaying(until):
-            log.info(
-                "partition %d replays up to the store's positions %s before publishing",
-                partition,
-                {INPUT_TOPICS[kind]: offset for kind, offset in until.items()},
-            )
-            if self._health is not None:
-                self._health.set_replaying(partition, True)
-        return until
 
-    def _replaying(self, until: dict[int, int] | None = None) -> bool:
-        until = self._replay_until if until is None else until
-        return any(self._applied.get(kind, 0) < offset for kind, offset in (until or {}).items())
+    def _replaying(self) -> bool:
+        """Whether some input is still below the position the store had reached."""
+        reached = self._store_reached or {}
+        return any(self._applied.get(kind, 0) < offset for kind, offset in reached.items())
 
     def _differing_from_store(self) -> set[bytes]:
         """Keys whose sums are not what the store holds (a full pass, once per start)."""
