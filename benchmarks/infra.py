@@ -24,6 +24,7 @@ from local_stack.broker import EmbeddedBroker, external_kafka
 from local_stack.cassandra import (
     PROTOCOL_VERSION,
     CassandraEndpoint,
+    CommitlogSync,
     EmbeddedCassandra,
     external_cassandra,
 )
@@ -38,15 +39,20 @@ def kafka(stack: ExitStack) -> str:
     return stack.enter_context(EmbeddedBroker(port=free_port())).bootstrap_servers
 
 
-def cassandra(stack: ExitStack) -> CassandraEndpoint:
-    """A Cassandra to benchmark against."""
+def cassandra(stack: ExitStack, commitlog_sync: CommitlogSync = "batch") -> CassandraEndpoint:
+    """A Cassandra to benchmark against; ``commitlog_sync`` applies to an embedded one."""
     external = external_cassandra()
     if external:
         version = os.environ.get("CASSANDRA_PROTOCOL_VERSION")
         return CassandraEndpoint(external[0], external[1], int(version) if version else None)
     data = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     server = stack.enter_context(
-        EmbeddedCassandra(port=free_port(), data_dir=data / "cassandra", fresh=True)
+        EmbeddedCassandra(
+            port=free_port(),
+            data_dir=data / "cassandra",
+            fresh=True,
+            commitlog_sync=commitlog_sync,
+        )
     )
     return CassandraEndpoint(server.contact_points, server.port, PROTOCOL_VERSION)
 

@@ -2,8 +2,8 @@
 
 One process serves the GETs and runs the writer that consumes ``sellable_inventory`` into
 Cassandra. SIGTERM/SIGINT: uvicorn finishes the requests in flight, then the writer
-finishes its batch and commits, the consumer leaves its group and the Cassandra session
-closes; the process exits 0.
+finishes the write in hand, the consumer commits the offsets of what was written and
+leaves its group, and the Cassandra session closes; the process exits 0.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Example::
 
 The lifespan connects to Cassandra (in the background, retrying, so the service starts
 even while Cassandra is down and answers 503 meanwhile) and starts the writer that
-consumes ``sellable_inventory`` into it; both stop with the app.
+consumes ``sellable_inventory`` into it; both stop with the app. ``/health/ready`` is
+200 only while Cassandra is up and the writer is making progress (see
+:meth:`SellableWriter.health`).
 """
 
 from __future__ import annotations
@@ -79,10 +81,16 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
     install_error_handlers(app)
 
     async def ready() -> dict[str, Any]:
+        # Ready means the read model is moving: Cassandra up *and* the writer consuming
+        # and writing. A writer retrying, unassigned, stalled or dead is not ready even
+        # if GETs still answer, because those answers are going stale.
+        cassandra = table.available
+        health = writer.health()
         return {
-            "ready": table.connected and writer.assigned,
-            "cassandra": table.connected,
-            "consumerAssigned": writer.assigned,
+            "ready": cassandra and health.ready,
+            "cassandra": cassandra,
+            "consumerAssigned": health.assigned,
+            "writer": health.state,
         }
 
     app.include_router(operations_router(ready, metrics.registry))

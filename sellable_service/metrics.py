@@ -22,6 +22,16 @@ class ServiceMetrics:
         self.write_failures = Counter(
             "service_write_failures", "Batches Cassandra refused (then retried)", registry=r
         )
+        self.commit_failures = Counter(
+            "service_commit_failures",
+            "Offset commits the broker refused (the records are read again if need be)",
+            registry=r,
+        )
+        self.writer_restarts = Counter(
+            "service_writer_restarts",
+            "Times the writer replaced its consumer after an unexpected error",
+            registry=r,
+        )
         self.write_seconds = Histogram(
             "service_write_seconds", "Time to write one consumed batch", registry=r
         )

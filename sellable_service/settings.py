@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -32,6 +34,14 @@ class ServiceSettings(KafkaSettings):
         "{'class': 'SimpleStrategy', 'replication_factor': 1}",
         description="Replication map used when the keyspace is created.",
     )
+    cassandra_write_consistency: Literal[
+        "ANY", "ONE", "TWO", "THREE", "QUORUM", "ALL", "LOCAL_QUORUM", "EACH_QUORUM", "LOCAL_ONE"
+    ] = Field(
+        "QUORUM",
+        description="Consistency level of the writer's writes. QUORUM: with replication "
+        "factor 3 a write is acknowledged (and its offset committed) only once 2 replicas "
+        "hold it; with factor 1 it is the same as ONE.",
+    )
     cassandra_request_timeout_seconds: float = Field(
         2.0, gt=0, description="Longest wait for one Cassandra request (then 503 / retry)."
     )
@@ -49,7 +59,10 @@ class ServiceSettings(KafkaSettings):
         5_000, ge=1, description="Most records consumed and written as one unit."
     )
     service_write_concurrency: int = Field(
-        32, ge=1, description="Cassandra batches in flight at once."
+        128,
+        ge=1,
+        description="Cassandra batches in flight at once. High because a durable write "
+        "waits for its commit-log sync: writes in flight together share one sync.",
     )
     log_level: str = Field("INFO", description="Logging level.")
 

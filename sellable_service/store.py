@@ -155,6 +155,19 @@ class SellableTable:
         """Whether a session exists (Cassandra may still be down since)."""
         return self._connected.is_set()
 
+    @property
+    def available(self) -> bool:
+        """Whether connected and the driver sees at least one Cassandra host up.
+
+        The driver marks a host down as soon as its connections break (a killed node
+        closes them) and up again when it reconnects (every second, see the reconnection
+        policy): a cheap, current answer for readiness, with no query.
+        """
+        cluster = self._cluster
+        if not self._connected.is_set() or cluster is None:
+            return False
+        return any(host.is_up for host in cluster.metadata.all_hosts())
+
     def _connect_loop(self) -> None:
         delay = 0.5
         while not self._stop.is_set():

@@ -4,8 +4,8 @@ Example::
 
     writer = SellableWriter(settings, table, metrics)
     writer.start()        # a background thread
-    ...
-    writer.stop()         # finishes the batch in hand, commits what was written
+    writer.health()       # WriterHealth(ready=True, state="writing", assigned=True)
+    writer.stop()         # leaves the group, committing what was written
 
 The loop, per batch of up to ``SERVICE_BATCH_SIZE`` records:
 
@@ -14,8 +14,8 @@ The loop, per batch of up to ``SERVICE_BATCH_SIZE`` records:
 2. keep only the newest record per key (a compacted topic's semantics, applied early);
 3. write one UNLOGGED batch per location (a single Cassandra partition, so the batch is
    cheap), up to ``SERVICE_WRITE_CONCURRENCY`` in flight;
-4. commit the offsets only when every write succeeded. If Cassandra fails, the same
-   batch is retried with backoff until it succeeds; nothing is skipped or lost.
+4. only once every write succeeded, store the offsets the batch covers; the consumer
+   commits stored offsets every second, when partitions are revoked and when it closes.
 
 Every write carries ``USING TIMESTAMP <offset in sellable_inventory>``. A key always
 lives in one partition of that topic, so a later value of a key always has a larger
@@ -23,6 +23,23 @@ offset: a replayed or reordered older record can never overwrite a newer one, an
 replaying the same record is a no-op. The catch: offsets restart if the topic is ever
 deleted and recreated, so then the table must be truncated and rebuilt too (it is a
 derived read model; replaying the topic rebuilds it).
+
+Faults are ordinary events here, because replays are harmless:
+
+* Cassandra fails: the batch stays in hand and is retried with backoff, while the
+  assigned partitions are **paused** and the consumer keeps polling, so the group keeps
+  this member (a loop stuck in retries would exceed ``max.poll.interval.ms`` and be
+  evicted). Resumed once the batch is written.
+* The group takes partitions away (session timeout while the broker is frozen, poll
+  interval exceeded, a rebalance): their offsets are dropped from the batch in hand,
+  the consumer rejoins by itself and reads again from the last committed offset.
+* A commit fails: logged and counted; a later commit covers the same offsets, or the
+  next owner re-reads them.
+* Anything unexpected: the consumer is closed and a new one starts after a backoff
+  (``service_writer_restarts``); uncommitted records are read again.
+
+:meth:`SellableWriter.health` says whether the writer is making progress; the service's
+``/health/ready`` reports it.
 """
 
 from __future__ import annotations
@@ -31,11 +48,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+from cassandra import ConsistencyLevel
 from cassandra.concurrent import execute_concurrent
 from cassandra.query import BatchStatement, BatchType
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
@@ -47,6 +66,37 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_STATEMENTS = 50
 """Rows per UNLOGGED batch: big enough to save round trips, small enough to stay cheap."""
+
+RETRY_FIRST_DELAY = 0.2
+RETRY_MAX_DELAY = 2.0
+"""Backoff between attempts at a batch Cassandra refused. Short at most: an attempt while
+Cassandra is down fails at once (no host), and the writer polls Kafka meanwhile anyway."""
+
+RESTART_FIRST_DELAY = 1.0
+RESTART_MAX_DELAY = 30.0
+"""Backoff between restarts of the consumer after an unexpected error."""
+
+COMMIT_INTERVAL_MS = 1_000
+"""How often the consumer commits the offsets the writer stored (after writing)."""
+
+WriterState = Literal[
+    "starting", "writing", "unassigned", "retrying", "restarting", "stalled", "stopped"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class WriterHealth:
+    """Whether the writer is making progress, for ``/health/ready``.
+
+    ``state``: *starting* (no assignment yet), *writing* (all well), *unassigned* (the
+    group took the partitions away: broker unreachable or rebalancing), *retrying*
+    (Cassandra refuses the batch in hand), *restarting* (after an unexpected error),
+    *stalled* (the loop has not come round within ``max.poll.interval.ms``), *stopped*.
+    """
+
+    ready: bool
+    state: WriterState
+    assigned: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +110,25 @@ class Upsert:
     offset: int
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Records in hand: the newest upsert per key, and per partition the next offset."""
+
+    upserts: dict[bytes, Upsert] = field(default_factory=dict)
+    next_offsets: dict[int, int] = field(default_factory=dict)
+
+    def merge(self, other: _Batch) -> None:
+        """Add records consumed later (or re-read after a rebalance) to this batch."""
+        for key, upsert in other.upserts.items():
+            held = self.upserts.get(key)
+            if held is None or held.offset < upsert.offset:
+                self.upserts[key] = upsert
+        for partition, offset in other.next_offsets.items():
+            self.next_offsets[partition] = max(offset, self.next_offsets.get(partition, 0))
+
+
 class SellableWriter:
-    """Consumes the topic into the table on a background thread."""
+    """Consumes the topic into the table on a background thread, through any fault."""
 
     def __init__(
         self, settings: ServiceSettings, table: SellableTable, metrics: ServiceMetrics
@@ -73,22 +140,46 @@ class SellableWriter:
             SELLABLE_INVENTORY, settings.service_topic, settings.schema_registry_url
         )
         self._stop = threading.Event()
-        self._assigned = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cassandra-writer")
+        self._thread = threading.Thread(target=self._run, name="cassandra-writer", daemon=True)
+        # Written by the writer thread (callbacks run inside its poll), read by the API:
+        # plain attribute swaps, each atomic under the GIL.
+        self._owned: frozenset[int] = frozenset()
+        self._ever_assigned = False
+        self._state: WriterState = "starting"
+        self._loop_at = time.monotonic()
+        self._pending: _Batch | None = None
+        self._paused = False
 
     @property
     def assigned(self) -> bool:
-        """Whether the consumer group gave this consumer partitions."""
-        return self._assigned.is_set()
+        """Whether the consumer group gives this consumer partitions right now."""
+        return bool(self._owned)
+
+    def health(self) -> WriterHealth:
+        """Whether the writer is moving: alive, assigned, writing, its loop turning."""
+        state = self._state
+        if not self._thread.is_alive():
+            state = "stopped"
+        elif state == "writing" and not self._owned:
+            state = "unassigned" if self._ever_assigned else "starting"
+        elif (
+            state == "writing"
+            and time.monotonic() - self._loop_at > self.settings.service_max_poll_interval_ms / 1e3
+        ):
+            state = "stalled"  # the group is about to evict it too
+        return WriterHealth(state == "writing", state, bool(self._owned))
 
     def start(self) -> None:
         """Start consuming."""
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the batch in hand; close the consumer (which leaves the group)."""
+        """Stop after the write in hand; close the consumer (commits, leaves the group)."""
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+    # --- the consumer and its lifecycle -----------------------------------------------
 
     def _consumer(self) -> Consumer:
         s = self.settings
@@ -96,8 +187,15 @@ class SellableWriter:
             {
                 "bootstrap.servers": s.kafka_bootstrap_servers,
                 "group.id": s.service_consumer_group,
-                "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                # At least once: an offset is stored only after its rows are written
+                # (store_offsets below); the consumer commits what is stored in the
+                # background, on revocation and on close. A commit never blocks the
+                # loop, so a frozen broker cannot stall it past max.poll.interval.ms.
+                "enable.auto.offset.store": False,
+                "enable.auto.commit": True,
+                "auto.commit.interval.ms": COMMIT_INTERVAL_MS,
+                "on_commit": self._on_commit,
                 "max.poll.interval.ms": s.service_max_poll_interval_ms,
                 "session.timeout.ms": min(6_000, s.service_max_poll_interval_ms),
                 # Watermarks for the lag metric come from these statistics, not from a
@@ -109,47 +207,168 @@ class SellableWriter:
                 "stats_cb": lambda _stats: None,
             }
         )
-
-        def on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
-            log.info("assigned %s", [p.partition for p in partitions])
-            self._assigned.set()
-
-        consumer.subscribe([s.service_topic], on_assign=on_assign)
+        consumer.subscribe(
+            [s.service_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
         return consumer
 
-    def _run(self) -> None:
-        consumer = self._consumer()
-        last_lag_update = 0.0
-        try:
-            while not self._stop.is_set():
-                # consume() waits the whole timeout unless the batch fills: keep it short,
-                # it is added to the read model's lag whenever traffic is light.
-                messages = consumer.consume(self.settings.service_batch_size, 0.05)
-                if messages:
-                    upserts, commit = self._decode(messages)
-                    if not self._write_until_done(upserts):
-                        return  # stopping: nothing committed, the records come again
-                    consumer.commit(offsets=commit, asynchronous=False)
-                if time.monotonic() - last_lag_update > 2:
-                    self._update_lag(consumer)
-                    last_lag_update = time.monotonic()
-        except Exception:
-            log.exception("the Cassandra writer stopped on an unexpected error")
-            raise
-        finally:
-            consumer.close()
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("assigned partitions %s", sorted(p.partition for p in partitions))
+        if self._paused and partitions:
+            # Still retrying a batch: newly assigned partitions wait too. Assign first,
+            # a partition can only be paused once assigned.
+            consumer.assign(partitions)
+            consumer.pause(partitions)
+        self._owned = frozenset(p.partition for p in partitions)
+        self._ever_assigned = True
 
-    def _decode(self, messages: list[Message]) -> tuple[list[Upsert], list[TopicPartition]]:
-        newest: dict[bytes, Upsert] = {}
-        next_offsets: dict[int, int] = {}
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("partitions %s revoked", sorted(p.partition for p in partitions))
+        self._forget(partitions)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning(
+            "partitions %s lost (the group went on without this member); rejoining",
+            sorted(p.partition for p in partitions),
+        )
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        """Partitions are no longer ours: never store offsets for them from the batch in
+        hand (the next owner reads them again from the last commit; our rows written
+        meanwhile are harmless, see ``USING TIMESTAMP``)."""
+        gone = {p.partition for p in partitions}
+        self._owned = self._owned - gone
+        if self._pending is not None:
+            for partition in gone:
+                self._pending.next_offsets.pop(partition, None)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None and error.code() != KafkaError._NO_OFFSET:
+            # Not fatal: the rows are written; a later commit covers these offsets, or
+            # whoever owns the partitions next reads them again (idempotent).
+            self.metrics.commit_failures.inc()
+            log.warning("committing offsets failed (%s); a later commit covers them", error)
+
+    def _run(self) -> None:
+        """Run consumers one after another until stopped; an unexpected error only
+        costs a restart (and a replay of what was not committed)."""
+        delay = RESTART_FIRST_DELAY
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._run_consumer()
+                return  # asked to stop
+            except Exception:
+                self.metrics.writer_restarts.inc()
+                self._state = "restarting"
+                if time.monotonic() - started > 5 * RESTART_MAX_DELAY:
+                    delay = RESTART_FIRST_DELAY  # it ran well for a while: a new incident
+                log.exception(
+                    "the Cassandra writer failed; restarting it with a new consumer in "
+                    "%.0f s (uncommitted records are read again)",
+                    delay,
+                )
+                if self._stop.wait(delay):
+                    return
+                delay = min(delay * 2, RESTART_MAX_DELAY)
+
+    def _run_consumer(self) -> None:
+        self._owned, self._pending, self._paused = frozenset(), None, False
+        self._state = "writing"
+        consumer = self._consumer()
+        try:
+            self._loop(consumer)
+        finally:
+            self._owned = frozenset()
+            try:
+                consumer.close()  # commits what was stored, leaves the group
+            except Exception as exc:  # closing must not hide why the loop ended
+                log.warning("closing the consumer failed: %s", exc)
+
+    def _loop(self, consumer: Consumer) -> None:
+        last_lag_update = 0.0
+        next_attempt = 0.0
+        delay = RETRY_FIRST_DELAY
+        while not self._stop.is_set():
+            self._loop_at = now = time.monotonic()
+            # consume() waits the whole timeout unless the batch fills: keep it short,
+            # it is added to the read model's lag whenever traffic is light. While a
+            # batch waits for Cassandra it only keeps the membership alive (paused).
+            timeout = 0.05 if self._pending is None else min(max(next_attempt - now, 0), 0.5)
+            messages = consumer.consume(self.settings.service_batch_size, timeout)
+            if messages:
+                batch = self._decode(messages)
+                if self._pending is None:
+                    self._pending = batch
+                else:  # arrived from a partition assigned while retrying
+                    self._pending.merge(batch)
+            if self._pending is not None and time.monotonic() >= next_attempt:
+                if self._try_write(self._pending):
+                    self._store(consumer, self._pending)
+                    self._pending, delay, self._state = None, RETRY_FIRST_DELAY, "writing"
+                    if self._paused:
+                        consumer.resume(consumer.assignment())
+                        self._paused = False
+                        log.info("Cassandra took the batch in hand; consuming again")
+                else:
+                    self._state = "retrying"
+                    next_attempt = time.monotonic() + delay
+                    delay = min(delay * 2, RETRY_MAX_DELAY)
+            if self._pending is not None:
+                # Every turn, not once: a rebalance may hand over unpaused partitions.
+                consumer.pause(consumer.assignment())
+                self._paused = True
+            if time.monotonic() - last_lag_update > 2:
+                self._update_lag(consumer)
+                last_lag_update = time.monotonic()
+
+    def _try_write(self, batch: _Batch) -> bool:
+        """Write ``batch``; False (logged, counted) if Cassandra refused it."""
+        upserts = list(batch.upserts.values())
+        try:
+            started = time.perf_counter()
+            self._write(upserts)
+        except (CassandraUnavailable, *WRITE_RETRY_ERRORS) as exc:
+            self.metrics.write_failures.inc()
+            log.warning(
+                "writing %d rows to Cassandra failed (%s: %s); retrying, partitions paused",
+                len(upserts),
+                type(exc).__name__,
+                str(exc)[:200],
+            )
+            return False
+        self.metrics.write_seconds.observe(time.perf_counter() - started)
+        self.metrics.written.inc(len(upserts))
+        return True
+
+    def _store(self, consumer: Consumer, batch: _Batch) -> None:
+        """Store the offsets of a written batch, for the consumer to commit."""
+        topic = self.settings.service_topic
+        for partition, offset in batch.next_offsets.items():
+            try:
+                consumer.store_offsets(offsets=[TopicPartition(topic, partition, offset)])
+            except KafkaException as exc:
+                # Revoked between the write and now: the next owner re-reads these.
+                log.info("not storing offset %d of partition %d: %s", offset, partition, exc)
+
+    def _decode(self, messages: list[Message]) -> _Batch:
+        batch = _Batch()
         for message in messages:
             error = message.error()
             if error is not None:
+                if error.fatal():
+                    raise KafkaException(error)  # a new consumer is the only way on
                 if error.code() != KafkaError._PARTITION_EOF:
+                    # _MAX_POLL_EXCEEDED, transport errors…: the consumer rejoins and
+                    # reconnects by itself; the revocation callbacks did the bookkeeping.
                     log.warning("consumer error: %s", error)
                 continue
             partition, offset = message.partition(), message.offset()
-            next_offsets[partition] = offset + 1
+            batch.next_offsets[partition] = offset + 1
             try:
                 raw_key = message.key()
                 if raw_key is None:
@@ -167,34 +386,8 @@ class SellableWriter:
                     exc,
                 )
                 continue
-            newest[raw_key] = Upsert(key.location, key.sku, value, partition, offset)
-        commit = [
-            TopicPartition(self.settings.service_topic, partition, offset)
-            for partition, offset in next_offsets.items()
-        ]
-        return list(newest.values()), commit
-
-    def _write_until_done(self, upserts: list[Upsert]) -> bool:
-        """Write ``upserts``, retrying with backoff; False only if asked to stop first."""
-        delay = 0.2
-        while True:
-            try:
-                started = time.perf_counter()
-                self._write(upserts)
-                self.metrics.write_seconds.observe(time.perf_counter() - started)
-                self.metrics.written.inc(len(upserts))
-                return True
-            except (CassandraUnavailable, *WRITE_RETRY_ERRORS) as exc:
-                self.metrics.write_failures.inc()
-                log.warning(
-                    "writing %d rows to Cassandra failed (%s); retrying in %.1f s",
-                    len(upserts),
-                    type(exc).__name__,
-                    delay,
-                )
-            if self._stop.wait(delay):
-                return False
-            delay = min(delay * 2, 5.0)
+            batch.upserts[raw_key] = Upsert(key.location, key.sku, value, partition, offset)
+        return batch
 
     def _write(self, upserts: list[Upsert]) -> None:
         if not upserts:
@@ -205,10 +398,11 @@ class SellableWriter:
         by_location: dict[str, list[Upsert]] = defaultdict(list)
         for upsert in upserts:
             by_location[upsert.location].append(upsert)
+        consistency = ConsistencyLevel.name_to_value[self.settings.cassandra_write_consistency]
         batches = []
         for rows in by_location.values():
             for start in range(0, len(rows), MAX_BATCH_STATEMENTS):
-                batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+                batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=consistency)
                 for row in rows[start : start + MAX_BATCH_STATEMENTS]:
                     if row.value is None:
                         batch.add(delete, (row.offset, row.location, row.sku))
