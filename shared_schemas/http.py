@@ -17,7 +17,7 @@ import gc
 import logging
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import uvicorn
@@ -75,6 +75,19 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         return error_response(400, "malformed_json", "The request body is not valid JSON.")
     details = _validation_details(exc)
     message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
+    return error_response(422, "invalid_request", message, details)
+
+
+def unknown_query_parameters(names: Iterable[str]) -> JSONResponse:
+    """422 naming query parameters a route does not take.
+
+    FastAPI ignores parameters it was not told about; a client that sends one (a typo,
+    or ``position`` to a service that cannot wait for positions) would otherwise get an
+    answer that silently did not do what it asked.
+    """
+    problem = "unknown query parameter"
+    details = [{"field": name, "problem": problem} for name in sorted(set(names))]
+    message = "; ".join(f"{d['field']}: {problem}" for d in details)
     return error_response(422, "invalid_request", message, details)
 
 
