@@ -36,7 +36,7 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import configure_logging, tune_gc_for_serving
+from shared_schemas.http import configure_logging, server_config, tune_gc_for_serving
 from shared_schemas.settings import unknown_settings
 from shared_schemas.topics import (
     TopicAdminError,
@@ -145,13 +145,12 @@ def _warn_if_state_is_from_other_topics(
 
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
     settings = runtime.settings
-    config = uvicorn.Config(
+    config = server_config(
         create_app(runtime),
-        host=settings.calculator_host,
-        port=settings.calculator_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        log_config=None,  # keep the process-wide format from configure_logging
+        settings.calculator_host,
+        settings.calculator_port,
+        settings.log_level,
+        settings,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api", daemon=True)

@@ -14,12 +14,12 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_schemas.settings import KafkaSettings
+from shared_schemas.settings import HttpServerSettings, KafkaSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class CalculatorSettings(KafkaSettings):
+class CalculatorSettings(KafkaSettings, HttpServerSettings):
     """One calculator instance: who it is, what it owns, where it keeps state."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")

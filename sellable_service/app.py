@@ -2,8 +2,8 @@
 
 Example::
 
-    app = create_app(ServiceSettings())
-    serve(app, "127.0.0.1", 9093)
+    settings = ServiceSettings()
+    serve(create_app(settings), "127.0.0.1", 9093, "info", settings)
 
 The lifespan connects to Cassandra (in the background, retrying, so the service starts
 even while Cassandra is down and answers 503 meanwhile) and starts the writer that
