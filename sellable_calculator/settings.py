@@ -61,6 +61,12 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     calculator_max_wait_seconds: float = Field(
         30.0, gt=0, description="Longest read-your-writes wait a client may ask for."
     )
+    calculator_max_forwarded_waits: int = Field(
+        100,
+        ge=1,
+        description="Most read-your-writes GETs this instance relays to other instances at "
+        "once (each holds a connection for its wait); more get 503 with Retry-After.",
+    )
     calculator_batch_size: int = Field(
         5000, ge=1, description="Most records one source partition hands the dataflow at once."
     )
