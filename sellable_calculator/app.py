@@ -58,6 +58,8 @@ class CalculatorRuntime:
     """Input end offsets seen at start; the instance is ready once it has applied them."""
     health: DataflowHealth = field(default_factory=DataflowHealth)
     """Whether the dataflow can read its input, and which partitions still replay."""
+    routing_following: Callable[[], bool] = lambda: True
+    """Whether the routing table is still kept current (:attr:`RoutingFollower.following`)."""
 
     def owns(self, key: bytes) -> bool:
         """Whether this instance owns the partition of ``key`` (in every input topic)."""
@@ -195,10 +197,12 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         running = runtime.dataflow_running()
         input_problems = runtime.health.problems()
         replaying = runtime.health.replaying()
+        routing = runtime.routing_following()
         return {
-            "ready": running and not behind and not input_problems and not replaying,
+            "ready": running and routing and not behind and not input_problems and not replaying,
             "instance": me.instance_id,
             "dataflowRunning": running,
+            "routingFollowing": routing,
             "behind": behind,
             "inputProblems": input_problems,
             "replaying": replaying,
