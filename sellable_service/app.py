@@ -108,8 +108,8 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
     async def get_sellable(location: str, sku: str, request: Request) -> Response:
         # No query parameters at all: `?position=` (the calculator's read-your-writes)
         # must not look as if it had been honoured.
-        if request.scope["query_string"]:
-            return unknown_query_parameters(request.query_params.keys())
+        if request.scope["query_string"] and (names := request.query_params.keys()):
+            return unknown_query_parameters(names)
         started = time.perf_counter()
         try:
             count = await table.sellable_count(location, sku)

@@ -60,4 +60,6 @@ def test_listing_refuses_unknown_parameters_and_keeps_its_own(client: TestClient
     assert [d["field"] for d in refused.json()["details"]] == ["position", "zzz"]
     accepted = client.get("/inventory/locations/STL/skus?limit=5&after=a")
     assert (accepted.status_code, accepted.json()["error"]) == (503, "cassandra_unavailable")
-    assert client.get("/inventory/locations/STL/skus/1").status_code == 503
+    # A query string that names no parameter at all ("?" or "?&") is no unknown parameter.
+    for bare in ("", "?", "?&"):
+        assert client.get(f"/inventory/locations/STL/skus/1{bare}").status_code == 503
