@@ -1,11 +1,12 @@
 """Idle and slow connections are closed: every server, as a real process, over raw sockets.
 
 Each server runs with short limits (keep-alive 0.5 s, request head 1 s, body 1 s). A
-connection that sends nothing, one that sends its request head a byte at a time (each
-byte sooner than the keep-alive timeout, which every byte restarts), and one that
-declares a 100-byte body and sends 2 bytes must all be closed within a few seconds; left
-to uvicorn alone, the first two stayed open for good and the third as long as the
-application waited for its body.
+connection that sends nothing (before or after a request), one that sends its request
+head a byte at a time (each byte sooner than the keep-alive timeout, which every byte
+restarts), and one that declares a 100-byte body and sends 2 bytes must all be closed
+within a few seconds. Left to uvicorn alone, only the idle connection after a response
+was closed, after its own 5 s; the others stayed open for good, or as long as the
+application waited for the body.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def _idle(sock: socket.socket) -> None:
     pass
 
 
+def _idle_after_a_response(sock: socket.socket) -> None:
+    sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while not answer.endswith(b'"live"}'):
+        answer += sock.recv(65536)
+        assert answer, "closed before answering"
+
+
 def _slow_head(sock: socket.socket) -> None:
     # One byte every 0.2 s: each restarts uvicorn's keep-alive timer, so only a
     # deadline for the whole head can end this.
@@ -144,7 +153,12 @@ def test_idle_slow_and_short_connections_are_closed(
     servers: dict[str, tuple[int, str]], server: str
 ) -> None:
     port, path = servers[server]
-    scenarios = {"idle": _idle, "slow head": _slow_head, "short body": _short_body(path)}
+    scenarios = {
+        "idle": _idle,
+        "idle after a response": _idle_after_a_response,
+        "slow head": _slow_head,
+        "short body": _short_body(path),
+    }
     with ThreadPoolExecutor(len(scenarios)) as pool:
         futures = {
             name: pool.submit(_seconds_until_closed, port, act) for name, act in scenarios.items()
@@ -154,6 +168,7 @@ def test_idle_slow_and_short_connections_are_closed(
     assert not still_open, f"{server}: still open after {CLOSED_WITHIN} s: {closed_after}"
     # Not closed before its limit either (0.5 s idle, 1 s for the head and the body).
     assert closed_after["idle"] >= 0.4, closed_after  # type: ignore[operator]
+    assert closed_after["idle after a response"] >= 0.4, closed_after  # type: ignore[operator]
     assert closed_after["slow head"] >= 0.9, closed_after  # type: ignore[operator]
 
 
