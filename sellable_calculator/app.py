@@ -313,13 +313,14 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
                     f"no calculator instance has advertised partition {partition}",
                 )
             if targets:
-                return await forward_wait(request, owner, wait)
-            response = await forward(
-                request,
-                owner,
-                settings.calculator_forward_timeout_seconds,
-                request.app.state.client,
-            )
+                response = await forward_wait(request, owner, wait)
+            else:
+                response = await forward(
+                    request,
+                    owner,
+                    settings.calculator_forward_timeout_seconds,
+                    request.app.state.client,
+                )
             forwarded_seconds.observe(time.perf_counter() - started)
             return response
 
@@ -359,7 +360,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
     forwarded_waits = 0  # read-your-writes waits being relayed to owners right now
 
     async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:
-        """Relay a read-your-writes GET, unless :attr:`calculator_max_forwarded_waits` are
+        """Relay a read-your-writes GET, unless ``CALCULATOR_MAX_FORWARDED_WAITS`` are
         already being relayed: then 503 ``too_many_waits`` with ``Retry-After`` at once,
         rather than queueing for a connection and answering as if the owner had failed.
 

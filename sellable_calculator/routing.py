@@ -179,8 +179,8 @@ class RoutingFollower:
     """
 
     RESTART_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    """Pauses before each new consumer after a failure, the n-th recent failure waiting the
-    n-th (the last one repeats)."""
+    """Pauses before each new consumer: the n-th failure within ``FAILURE_WINDOW_SECONDS``
+    waits the n-th; one failure more and the follower gives up."""
     FAILURE_WINDOW_SECONDS = 60.0
     """Failures older than this no longer count towards giving up."""
 
