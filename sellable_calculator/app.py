@@ -358,6 +358,8 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         )
 
     forwarded_waits = 0  # read-your-writes waits being relayed to owners right now
+    runtime.metrics.forwarded_waits.set_function(lambda: forwarded_waits)
+    waits_refused = runtime.metrics.forwarded_waits_refused
 
     async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:
         """Relay a read-your-writes GET, unless ``CALCULATOR_MAX_FORWARDED_WAITS`` are
@@ -370,6 +372,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         nonlocal forwarded_waits
         limit = settings.calculator_max_forwarded_waits
         if forwarded_waits >= limit:
+            waits_refused.inc()
             return error_response(
                 503,
                 "too_many_waits",

@@ -80,6 +80,7 @@ def test_pending_waits_do_not_starve_ordinary_forwarded_reads(
     assert (status, body["error"]) == (503, "too_many_waits"), body
     assert headers["Retry-After"] == "1"
     assert seconds < 1.0
+    assert forwarder.metric("calculator_forwarded_waits_refused_total") == 1
     # Every wait gets the owner's own 504 at the end of its wait.
     for status, body, headers, _ in outcome["waits"]:  # type: ignore[attr-defined]
         assert (status, body["error"]) == (504, "not_caught_up"), body
