@@ -39,7 +39,13 @@ def main() -> int:
         settings.kafka_bootstrap_servers,
         settings.topic_partitions,
     )
-    serve(create_app(settings), settings.mutator_host, settings.mutator_port, settings.log_level)
+    serve(
+        create_app(settings),
+        settings.mutator_host,
+        settings.mutator_port,
+        settings.log_level,
+        settings,
+    )
     log.info("inventory_mutator stopped")
     return 0
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared_schemas.settings import KafkaSettings
+from shared_schemas.settings import HttpServerSettings, KafkaSettings
 
 
-class MutatorSettings(KafkaSettings):
+class MutatorSettings(KafkaSettings, HttpServerSettings):
     """The command side: where it listens and how long it waits for the broker."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")

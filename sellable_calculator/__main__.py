@@ -8,6 +8,8 @@ The dataflow runs on the main thread (Bytewax wants it there for signal handling
 API runs on a uvicorn server thread and reads the same RocksDB store. SIGTERM or SIGINT
 stops the sources, lets Bytewax close the epoch and the sinks flush, then stops the API.
 A second signal exits at once; Bytewax recovery makes even that (or kill -9) safe.
+If the routing follower fails and cannot recover, the instance stops the same way and
+exits with status 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import configure_logging, tune_gc_for_serving
+from shared_schemas.http import configure_logging, server_config, tune_gc_for_serving
 from shared_schemas.settings import unknown_settings
 from shared_schemas.topics import (
     TopicAdminError,
@@ -145,13 +147,12 @@ def _warn_if_state_is_from_other_topics(
 
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
     settings = runtime.settings
-    config = uvicorn.Config(
+    config = server_config(
         create_app(runtime),
-        host=settings.calculator_host,
-        port=settings.calculator_port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        log_config=None,  # keep the process-wide format from configure_logging
+        settings.calculator_host,
+        settings.calculator_port,
+        settings.log_level,
+        settings,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="api", daemon=True)
@@ -216,7 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     health = DataflowHealth()
     me = InstanceInfo.of(settings)
     routing = RoutingTable(me)
-    follower = RoutingFollower(routing, settings)
+    stop = threading.Event()
+    routing_lost = threading.Event()
+
+    def on_routing_lost(exc: BaseException) -> None:
+        # Serving with a routing table nobody keeps current would send requests to
+        # instances that moved or died: stop (cleanly, so the state stays consistent)
+        # and exit non-zero, so that a supervisor restarts this instance.
+        log.error(
+            "the routing table can no longer be kept current (%s): stopping the instance", exc
+        )
+        routing_lost.set()
+        stop.set()
+
+    follower = RoutingFollower(routing, settings, on_failure=on_routing_lost)
     dataflow_done = threading.Event()
     runtime = CalculatorRuntime(
         settings,
@@ -227,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         dataflow_running=lambda: not dataflow_done.is_set(),
         end_offsets_at_start=end_offsets,
         health=health,
+        routing_following=lambda: follower.following,
     )
-    stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if stop.is_set():
@@ -262,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             recovery_config=RecoveryConfig(str(recovery_dir)),
         )
         log.info("dataflow stopped")
+        if routing_lost.is_set():
+            status = 1
     except Exception as exc:
         log.error("%s failed: %s", settings.instance_id, exc, exc_info=not isinstance(exc, OSError))
         status = 1

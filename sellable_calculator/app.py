@@ -58,6 +58,8 @@ class CalculatorRuntime:
     """Input end offsets seen at start; the instance is ready once it has applied them."""
     health: DataflowHealth = field(default_factory=DataflowHealth)
     """Whether the dataflow can read its input, and which partitions still replay."""
+    routing_following: Callable[[], bool] = lambda: True
+    """Whether the routing table is still kept current (:attr:`RoutingFollower.following`)."""
 
     def owns(self, key: bytes) -> bool:
         """Whether this instance owns the partition of ``key`` (in every input topic)."""
@@ -155,12 +157,27 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One pooled client per process for forwarding and fan-out. aiohttp rather than
-        # httpx: httpx's connection pool degrades to a few hundred requests per second at
-        # 32 concurrent requests (encode/httpx#3215), aiohttp keeps up with the server.
-        connector = aiohttp.TCPConnector(limit=200, limit_per_host=100)
-        async with aiohttp.ClientSession(connector=connector) as client:
-            app.state.client = client
+        # Pooled clients for forwarding and fan-out. aiohttp rather than httpx: httpx's
+        # connection pool degrades to a few hundred requests per second at 32 concurrent
+        # requests (encode/httpx#3215), aiohttp keeps up with the server.
+        # Pooled connections idle for half the owner's keep-alive timeout are dropped
+        # (assuming it runs with the same settings), so none is reused just as the owner
+        # closes it: that would be a 503 blaming a healthy owner.
+        keepalive = settings.http_keep_alive_timeout_seconds / 2
+        # Read-your-writes waits hold their connection for up to the whole wait, so they
+        # get a pool of their own, as large as the most waits relayed at once: they never
+        # queue for a connection, and ordinary reads never queue behind them.
+        ordinary = aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=keepalive)
+        waits = aiohttp.TCPConnector(
+            limit=settings.calculator_max_forwarded_waits,
+            limit_per_host=0,
+            keepalive_timeout=keepalive,
+        )
+        async with (
+            aiohttp.ClientSession(connector=ordinary) as client,
+            aiohttp.ClientSession(connector=waits) as wait_client,
+        ):
+            app.state.client, app.state.wait_client = client, wait_client
             yield
 
     app = FastAPI(
@@ -180,17 +197,20 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         running = runtime.dataflow_running()
         input_problems = runtime.health.problems()
         replaying = runtime.health.replaying()
+        routing = runtime.routing_following()
         return {
-            "ready": running and not behind and not input_problems and not replaying,
+            "ready": running and routing and not behind and not input_problems and not replaying,
             "instance": me.instance_id,
             "dataflowRunning": running,
+            "routingFollowing": routing,
             "behind": behind,
             "inputProblems": input_problems,
             "replaying": replaying,
         }
 
-    async def forward(request: Request, owner: InstanceInfo, timeout: float) -> Response:
-        client: aiohttp.ClientSession = request.app.state.client
+    async def forward(
+        request: Request, owner: InstanceInfo, timeout: float, client: aiohttp.ClientSession
+    ) -> Response:
         # Only the path and query go to the owner's advertised URL: never a host taken
         # from the request.
         # The path and query exactly as they arrived (still percent-encoded).
@@ -226,7 +246,11 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         responses={
             404: {"description": "No adjustment for this key yet"},
             422: {"description": "Bad position or timeout"},
-            503: {"description": "The owning instance is unknown or unreachable"},
+            503: {
+                "description": "The owning instance is unknown or unreachable, or too many "
+                "read-your-writes waits are being relayed already (`too_many_waits`, "
+                "with `Retry-After`)"
+            },
             504: {"description": "The owner did not reach the position in time"},
         },
         # The query parameters are read by hand (the hot path skips FastAPI's parameter
@@ -288,8 +312,15 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
                     "owner_unknown",
                     f"no calculator instance has advertised partition {partition}",
                 )
-            budget = settings.calculator_forward_timeout_seconds + (wait if targets else 0)
-            response = await forward(request, owner, budget)
+            if targets:
+                response = await forward_wait(request, owner, wait)
+            else:
+                response = await forward(
+                    request,
+                    owner,
+                    settings.calculator_forward_timeout_seconds,
+                    request.app.state.client,
+                )
             forwarded_seconds.observe(time.perf_counter() - started)
             return response
 
@@ -325,6 +356,36 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             {"locationId": location, "sku": sku, "count": value.count},
             headers={SERVED_BY: me.instance_id},
         )
+
+    forwarded_waits = 0  # read-your-writes waits being relayed to owners right now
+    runtime.metrics.forwarded_waits.set_function(lambda: forwarded_waits)
+    waits_refused = runtime.metrics.forwarded_waits_refused
+
+    async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:
+        """Relay a read-your-writes GET, unless ``CALCULATOR_MAX_FORWARDED_WAITS`` are
+        already being relayed: then 503 ``too_many_waits`` with ``Retry-After`` at once,
+        rather than queueing for a connection and answering as if the owner had failed.
+
+        The budget is the wait plus the ordinary forwarding timeout, so an owner that
+        answers 504 at the end of the wait has its 504 passed through.
+        """
+        nonlocal forwarded_waits
+        limit = settings.calculator_max_forwarded_waits
+        if forwarded_waits >= limit:
+            waits_refused.inc()
+            return error_response(
+                503,
+                "too_many_waits",
+                f"{me.instance_id} is already relaying {limit} read-your-writes waits; "
+                f"retry shortly, or ask {owner.instance_id} at {owner.url} directly",
+                headers={"Retry-After": "1", FORWARDED_BY: me.instance_id},
+            )
+        forwarded_waits += 1
+        try:
+            budget = settings.calculator_forward_timeout_seconds + wait
+            return await forward(request, owner, budget, request.app.state.wait_client)
+        finally:
+            forwarded_waits -= 1
 
     def _bad_position(problem: str) -> Response:
         return error_response(

@@ -33,6 +33,17 @@ class CalculatorMetrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.forwarded_waits = Gauge(
+            "calculator_forwarded_waits",
+            "Read-your-writes GETs being relayed to their owner right now",
+            registry=r,
+        )
+        self.forwarded_waits_refused = Counter(
+            "calculator_forwarded_waits_refused",
+            "Read-your-writes GETs answered 503 too_many_waits "
+            "(CALCULATOR_MAX_FORWARDED_WAITS were being relayed already)",
+            registry=r,
+        )
         self.get_seconds = Histogram(
             "calculator_get_seconds",
             "Latency of GET /inventory/locations/{location}/skus/{sku}",

@@ -20,9 +20,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 
 from sellable_calculator.settings import CalculatorSettings
 from shared_schemas.topics import CALCULATOR_INSTANCES
@@ -47,7 +55,8 @@ class InstanceInfo:
 
     @classmethod
     def from_json(cls, data: bytes) -> InstanceInfo:
-        """Parse an advertised value; raises ``ValueError``/``KeyError``/``TypeError`` if bad."""
+        """Parse an advertised value; raises (``ValueError``, ``KeyError``, ``TypeError``,
+        ``OverflowError``, …) if it is bad."""
         raw = json.loads(data)
         return cls(
             instance_id=str(raw["instance_id"]),
@@ -158,13 +167,42 @@ def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float =
 
 
 class RoutingFollower:
-    """Reads the instances topic into a :class:`RoutingTable`, on a background thread."""
+    """Reads the instances topic into a :class:`RoutingTable`, on a background thread.
 
-    def __init__(self, table: RoutingTable, settings: CalculatorSettings) -> None:
+    A consumer that fails (a fatal Kafka error, or anything unexpected) is logged and
+    replaced by a new one that reads the topic from the beginning again (the table ends
+    up the same: the latest record per instance wins). If that keeps failing, more than
+    ``len(RESTART_DELAYS)`` times within ``FAILURE_WINDOW_SECONDS``, the follower gives
+    up and calls ``on_failure``: a routing table nobody keeps current would route
+    requests to instances that moved or died, silently. :attr:`following` says whether
+    it still runs (readiness reports it).
+    """
+
+    RESTART_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    """Pauses before each new consumer: the n-th failure within ``FAILURE_WINDOW_SECONDS``
+    waits the n-th; one failure more and the follower gives up."""
+    FAILURE_WINDOW_SECONDS = 60.0
+    """Failures older than this no longer count towards giving up."""
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        settings: CalculatorSettings,
+        on_failure: Callable[[BaseException], None] = lambda exc: None,
+        consumer_factory: Callable[[], Consumer] | None = None,
+    ) -> None:
         self._table = table
         self._settings = settings
+        self._on_failure = on_failure
+        self._new_consumer = consumer_factory or self._consumer
         self._stop = threading.Event()
+        self._failed: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="routing-follower", daemon=True)
+
+    @property
+    def following(self) -> bool:
+        """Whether the table is being kept current: started, not stopped, not given up."""
+        return self._thread.is_alive() and self._failed is None
 
     def start(self) -> None:
         """Start following."""
@@ -175,7 +213,7 @@ class RoutingFollower:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def _run(self) -> None:
+    def _consumer(self) -> Consumer:
         consumer = Consumer(
             {
                 "bootstrap.servers": self._settings.kafka_bootstrap_servers,
@@ -185,6 +223,43 @@ class RoutingFollower:
         )
         # No consumer group: every instance must see every record.
         consumer.assign([TopicPartition(CALCULATOR_INSTANCES.name, 0, OFFSET_BEGINNING)])
+        return consumer
+
+    def _run(self) -> None:
+        failures: list[float] = []
+        while not self._stop.is_set():
+            try:
+                self._follow()
+                return
+            except Exception as exc:
+                now = time.monotonic()
+                failures = [t for t in failures if now - t < self.FAILURE_WINDOW_SECONDS]
+                failures.append(now)
+                if len(failures) > len(self.RESTART_DELAYS):
+                    log.error(
+                        "routing follower failed %d times within %g s; giving up: %s",
+                        len(failures),
+                        self.FAILURE_WINDOW_SECONDS,
+                        exc,
+                        exc_info=exc,
+                    )
+                    self._failed = exc
+                    self._on_failure(exc)
+                    return
+                delay = self.RESTART_DELAYS[len(failures) - 1]
+                log.warning(
+                    "routing follower failed (%s: %s); reading the instances topic again "
+                    "with a new consumer in %g s",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=exc,
+                )
+                self._stop.wait(delay)
+
+    def _follow(self) -> None:
+        """Apply the topic's records until stopped; raises whatever breaks the consumer."""
+        consumer = self._new_consumer()
         try:
             while not self._stop.is_set():
                 message = consumer.poll(0.2)
@@ -192,16 +267,21 @@ class RoutingFollower:
                     continue
                 error = message.error()
                 if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
                     if error.code() != KafkaError._PARTITION_EOF:
                         log.warning("routing follower: %s", error)
                     continue
                 key = (message.key() or b"").decode(errors="replace")
-                if message.value() is None:
+                value = message.value()
+                if value is None:
                     self._table.remove(key)
                     continue
                 try:
-                    self._table.update(InstanceInfo.from_json(message.value()))
-                except (ValueError, KeyError, TypeError) as exc:
+                    info = InstanceInfo.from_json(value)
+                except Exception as exc:  # any bad record, e.g. a number too large for int
                     log.warning("ignoring bad routing record for %r: %s", key, exc)
+                    continue
+                self._table.update(info)
         finally:
             consumer.close()

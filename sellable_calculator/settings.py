@@ -14,12 +14,12 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shared_schemas.settings import KafkaSettings
+from shared_schemas.settings import HttpServerSettings, KafkaSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class CalculatorSettings(KafkaSettings):
+class CalculatorSettings(KafkaSettings, HttpServerSettings):
     """One calculator instance: who it is, what it owns, where it keeps state."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
@@ -60,6 +60,12 @@ class CalculatorSettings(KafkaSettings):
     )
     calculator_max_wait_seconds: float = Field(
         30.0, gt=0, description="Longest read-your-writes wait a client may ask for."
+    )
+    calculator_max_forwarded_waits: int = Field(
+        100,
+        ge=1,
+        description="Most read-your-writes GETs this instance relays to other instances at "
+        "once (each holds a connection for its wait); more get 503 with Retry-After.",
     )
     calculator_batch_size: int = Field(
         5000, ge=1, description="Most records one source partition hands the dataflow at once."

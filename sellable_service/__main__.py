@@ -40,7 +40,13 @@ def main() -> int:
         settings.cassandra_contact_points,
         settings.cassandra_port,
     )
-    serve(create_app(settings), settings.service_host, settings.service_port, settings.log_level)
+    serve(
+        create_app(settings),
+        settings.service_host,
+        settings.service_port,
+        settings.log_level,
+        settings,
+    )
     log.info("sellable_service stopped")
     return 0
 

@@ -2,8 +2,8 @@
 
 Example::
 
-    app = create_app(ServiceSettings())
-    serve(app, "127.0.0.1", 9093)
+    settings = ServiceSettings()
+    serve(create_app(settings), "127.0.0.1", 9093, "info", settings)
 
 The lifespan connects to Cassandra (in the background, retrying, so the service starts
 even while Cassandra is down and answers 503 meanwhile) and starts the writer that
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -28,7 +28,15 @@ from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
 from sellable_service.writer import SellableWriter
-from shared_schemas.http import error_response, install_error_handlers, operations_router
+from shared_schemas.http import (
+    error_response,
+    install_error_handlers,
+    operations_router,
+    unknown_query_parameters,
+)
+
+LISTING_PARAMETERS = frozenset({"limit", "after"})
+"""The only query parameters of the location listing; any other is answered 422."""
 
 
 class SellableInventory(BaseModel):
@@ -93,16 +101,23 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
             "writer": health.state,
         }
 
-    app.include_router(operations_router(ready, metrics.registry))
     get_seconds = metrics.get_seconds
 
     @app.get(
         "/inventory/locations/{location}/skus/{sku}",
         response_model=SellableInventory,
         summary="Sellable inventory of one sku at one location",
-        responses={404: {"description": "Unknown key"}, 503: {"description": "Cassandra down"}},
+        responses={
+            404: {"description": "Unknown key"},
+            422: {"description": "A query parameter was given; this GET takes none"},
+            503: {"description": "Cassandra down"},
+        },
     )
-    async def get_sellable(location: str, sku: str) -> Response:
+    async def get_sellable(location: str, sku: str, request: Request) -> Response:
+        # No query parameters at all: `?position=` (the calculator's read-your-writes)
+        # must not look as if it had been honoured.
+        if request.scope["query_string"] and (names := request.query_params.keys()):
+            return unknown_query_parameters(names)
         started = time.perf_counter()
         try:
             count = await table.sellable_count(location, sku)
@@ -120,14 +135,19 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         "/inventory/locations/{location}/skus",
         response_model=LocationPage,
         summary="The skus of a location, a page at a time",
+        responses={422: {"description": "Bad or unknown query parameter"}},
     )
     async def list_location(
         location: str,
+        request: Request,
         limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
         after: Annotated[
             str, Query(max_length=128, description="The `next` value of the previous page.")
         ] = "",
     ) -> Response:
+        unknown = request.query_params.keys() - LISTING_PARAMETERS
+        if unknown:
+            return unknown_query_parameters(unknown)
         try:
             page = await table.location(location, limit, after)
         except CassandraUnavailable as exc:

@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from shared_schemas.settings import KafkaSettings
+from shared_schemas.settings import HttpServerSettings, KafkaSettings
 from shared_schemas.topics import SELLABLE_INVENTORY
 
 
-class ServiceSettings(KafkaSettings):
+class ServiceSettings(KafkaSettings, HttpServerSettings):
     """The read model: where Cassandra is and how the topic is consumed into it."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")

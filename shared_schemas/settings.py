@@ -1,9 +1,10 @@
 """Settings every service shares, read from the environment (pydantic-settings).
 
-Each service's own settings class inherits from :class:`KafkaSettings`, so the same
-variable means the same thing everywhere. Unknown variables are ignored by the settings
-classes (the environment holds plenty that is not ours), so each service logs the ones
-that look like its own but are none of its settings: :func:`unknown_settings`.
+Each service's own settings class inherits from :class:`KafkaSettings` and
+:class:`HttpServerSettings`, so the same variable means the same thing everywhere.
+Unknown variables are ignored by the settings classes (the environment holds plenty that
+is not ours), so each service logs the ones that look like its own but are none of its
+settings: :func:`unknown_settings`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,36 @@ class KafkaSettings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of new topics.")
 
 
+class HttpServerSettings(BaseSettings):
+    """How long a server lets a client keep a connection without a complete request.
+
+    uvicorn itself only closes a connection that stays idle after a response; these
+    also bound a connection that never sends a request, one that trickles its request
+    head, and one that declares a body it never finishes sending.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    http_keep_alive_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="An open connection with no request in progress is closed after "
+        "this long without a byte: before its first request and between requests.",
+    )
+    http_header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A request head (request line and headers) must be complete within "
+        "this long of its first byte, or the connection is closed.",
+    )
+    http_body_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A request body must be complete within this long of the end of its "
+        "head, or the connection is closed.",
+    )
+
+
 def unknown_settings(
     settings_class: type[KafkaSettings], environ: Mapping[str, str] | None = None
 ) -> list[str]:
@@ -47,7 +78,8 @@ def unknown_settings(
     be ignored without a word. Each warning suggests the closest real name.
     """
     environ = os.environ if environ is None else environ
-    own = set(settings_class.model_fields) - set(KafkaSettings.model_fields) - {"log_level"}
+    shared = set(KafkaSettings.model_fields) | set(HttpServerSettings.model_fields)
+    own = set(settings_class.model_fields) - shared - {"log_level"}
     known = {name.upper() for name in settings_class.model_fields}
     prefixes = tuple(sorted({name.split("_", 1)[0].upper() + "_" for name in own}))
     warnings = []
