@@ -10,6 +10,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -27,6 +28,7 @@ from sellable_calculator.tests.conftest import (
     wait_until,
 )
 from shared_schemas import encode_key, partition_for
+from shared_schemas.tests.test_ids import ODD_VALID_IDS
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
 
 
@@ -64,6 +66,88 @@ def test_keys_with_spaces_and_non_ascii_are_forwarded_intact(
         for calculator in calculators:
             wait_until(lambda c=calculator, s=sku: c.count_of(location, s) == 3)
             assert calculator.sellable(location, sku).json()["sku"] == sku
+
+
+def _path(*ids: str) -> str:
+    """``/inventory/locations/{location}/skus[/{sku}]`` with every character of the ids
+    percent-encoded, dots too (a client would resolve a literal "." segment away)."""
+    encoded = [quote(i, safe="").replace(".", "%2E") for i in ids]
+    return "/inventory/locations/{}/skus".format(*encoded[:1]) + "".join(
+        f"/{e}" for e in encoded[1:]
+    )
+
+
+def _odd_ids(run: str) -> list[str]:
+    """Every odd valid id, made unique to this run (so a listing holds only this test's keys)."""
+    return [f"{i}~{run}" for i in ODD_VALID_IDS if len(i) < 200] + ["y" * 250 + run]
+
+
+def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    """Each GET answers the id it was asked for, local or forwarded.
+
+    ``a b`` and ``a%20b`` are different locations: a listing forwarded with its path
+    decoded once too often answered one with the other's skus (or 503 for ``a%2Fb``).
+    """
+    run = uuid.uuid4().hex[:6]
+    ids = _odd_ids(run)
+    expected: dict[str, dict[str, int]] = {}
+    for n, location in enumerate(ids):
+        # Every location has skus on both instances, so every listing is a real fan-out.
+        skus = {sku_owned_by(0, location): n + 1, sku_owned_by(1, location): n + 100}
+        for sku, count in skus.items():
+            mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, count)
+        expected[location] = skus
+    odd_sku_location = f"odd-skus {run}"
+    for n, sku in enumerate(ids):
+        mutations.send(INVENTORY_ADJUSTMENTS.name, odd_sku_location, sku, n + 1)
+    mutations.flush()
+    for calculator in calculators:
+        for n, sku in enumerate(ids):
+            response = wait_until(
+                lambda c=calculator, s=sku: (
+                    (r := c.get(_path(odd_sku_location, s))).status_code == 200 and r
+                ),
+            )
+            assert response.json() == {"locationId": odd_sku_location, "sku": sku, "count": n + 1}
+        for location, skus in expected.items():
+            response = wait_until(
+                lambda c=calculator, loc=location: (
+                    (r := c.get(_path(loc))).status_code == 200
+                    and len(r.json()["skus"]) == len(expected[loc])
+                    and r
+                )
+            )
+            body = response.json()
+            assert body["locationId"] == location
+            assert {i["sku"]: i["count"] for i in body["skus"]} == skus, location
+            assert {i["locationId"] for i in body["skus"]} == {location}
+            assert len(body["instances"]) == 2
+
+
+# (Longer request lines than 10,000 characters are refused by uvicorn itself: 400.)
+INVALID_PATH_IDS = ["  P  ", " P", ".", "..", "a\r\nb", "a\x00b", "L" * 257, "L" * 10_000]
+
+
+@pytest.mark.parametrize("bad", INVALID_PATH_IDS, ids=lambda b: repr(b)[:12])
+def test_ids_the_mutator_refuses_are_422_on_every_get(
+    calculators: list[Calculator], bad: str
+) -> None:
+    for calculator in calculators:
+        for path in (
+            _path(bad, "1"),
+            _path("STL", bad),
+            _path(bad),
+            "/metadata" + _path(bad, "1").removeprefix("/inventory"),
+        ):
+            response = calculator.get(path)
+            assert response.status_code == 422, (path[:60], response.text[:200])
+            error = response.json()
+            assert error["error"] == "invalid_request"
+            assert error["details"][0]["field"] in ("location", "sku")
+    # "/" cannot be in an id: encoded or not, it splits the path and matches no route.
+    assert calculators[0].get(_path("a/b", "1")).status_code == 404
 
 
 def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:
