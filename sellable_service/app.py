@@ -26,7 +26,16 @@ from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
 from sellable_service.writer import SellableWriter
-from shared_schemas.http import error_response, install_error_handlers, operations_router
+from shared_schemas.http import (
+    LocationPath,
+    SkuPath,
+    error_doc,
+    error_response,
+    install_error_handlers,
+    invalid_id_response,
+    operations_router,
+)
+from shared_schemas.ids import MAX_ID_LENGTH
 
 
 class SellableInventory(BaseModel):
@@ -92,9 +101,16 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         "/inventory/locations/{location}/skus/{sku}",
         response_model=SellableInventory,
         summary="Sellable inventory of one sku at one location",
-        responses={404: {"description": "Unknown key"}, 503: {"description": "Cassandra down"}},
+        responses={
+            404: error_doc("Unknown key"),
+            422: error_doc("An id breaks the id rule"),
+            503: error_doc("Cassandra down"),
+        },
     )
-    async def get_sellable(location: str, sku: str) -> Response:
+    async def get_sellable(location: LocationPath, sku: SkuPath) -> Response:
+        invalid = invalid_id_response(location, sku)
+        if invalid is not None:
+            return invalid  # before Cassandra: it fails on keys over its size limit
         started = time.perf_counter()
         try:
             count = await table.sellable_count(location, sku)
@@ -112,14 +128,22 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         "/inventory/locations/{location}/skus",
         response_model=LocationPage,
         summary="The skus of a location, a page at a time",
+        responses={
+            422: error_doc("The location breaks the id rule, or a bad limit or after"),
+            503: error_doc("Cassandra down"),
+        },
     )
     async def list_location(
-        location: str,
+        location: LocationPath,
         limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
         after: Annotated[
-            str, Query(max_length=128, description="The `next` value of the previous page.")
+            str,
+            Query(max_length=MAX_ID_LENGTH, description="The `next` value of the previous page."),
         ] = "",
     ) -> Response:
+        invalid = invalid_id_response(location)
+        if invalid is not None:
+            return invalid
         try:
             page = await table.location(location, limit, after)
         except CassandraUnavailable as exc:

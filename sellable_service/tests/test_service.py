@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
+import uvicorn
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from local_stack.cassandra import PROTOCOL_VERSION, CassandraEndpoint, EmbeddedCassandra
@@ -21,6 +27,7 @@ from sellable_service.settings import ServiceSettings
 from sellable_service.writer import Upsert
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
+from shared_schemas.tests.test_ids import ODD_VALID_IDS
 from shared_schemas.topics import TopicSpec, ensure_topics
 
 PARTITIONS = 6
@@ -171,6 +178,73 @@ def test_location_listing_pages(
         assert (len(exact["skus"]), exact["next"]) == (25, None)
         bad = client.get("/inventory/locations/PAGED/skus", params={"limit": 0})
         assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "limit")
+
+
+def _path(*ids: str) -> str:
+    """``/inventory/locations/{location}/skus[/{sku}]``, every character percent-encoded."""
+    encoded = [quote(i, safe="").replace(".", "%2E") for i in ids]
+    return "/inventory/locations/{}/skus".format(*encoded[:1]) + "".join(
+        f"/{e}" for e in encoded[1:]
+    )
+
+
+@contextmanager
+def _served(app: FastAPI) -> Iterator[httpx.Client]:
+    """``app`` served by uvicorn on a free port in a thread, and a client for it."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_odd_keys_read_back_one_at_a_time_and_by_location(
+    new_settings: Callable[[], ServiceSettings], publisher: Publisher
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    ids = [f"{i}~{run}" for i in ODD_VALID_IDS if len(i) < 200] + ["y" * 250 + run]
+    # Over a real socket: Starlette's TestClient decodes the path twice ("a%2520b" arrives
+    # as "a b"), which is the very defect this test must be able to see.
+    with _served(create_app(new_settings())) as client:
+        for n, odd in enumerate(ids):
+            publisher.send(odd, "sku", n)
+            publisher.send(f"odd-skus {run}", odd, n)
+        publisher.flush()
+        for n, odd in enumerate(ids):
+            wait_until(lambda o=odd: client.get(_path(o, "sku")).status_code == 200)
+            assert client.get(_path(odd, "sku")).json() == {
+                "locationId": odd,
+                "sku": "sku",
+                "count": n,
+            }
+            listing = client.get(_path(odd)).json()
+            assert listing["skus"] == [{"locationId": odd, "sku": "sku", "count": n}], odd
+            wait_until(lambda o=odd: client.get(_path(f"odd-skus {run}", o)).status_code == 200)
+            answer = client.get(_path(f"odd-skus {run}", odd)).json()
+            assert answer == {"locationId": f"odd-skus {run}", "sku": odd, "count": n}
+
+
+def test_ids_the_mutator_refuses_are_422_never_500(
+    new_settings: Callable[[], ServiceSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Cassandra sees them: a 65,536-byte location is over its key limit (it was a 500)."""
+    # The test client refuses URLs over 64 KiB; the app itself must still answer them.
+    monkeypatch.setattr("httpx2._urlparse.MAX_URL_LENGTH", 1_000_000)
+    with TestClient(create_app(new_settings())) as client:
+        client.app.state.table.wait_connected(30)  # type: ignore[attr-defined]
+        for bad in ["L" * 65_536, "L" * 257, "  P  ", ".", "..", "a\r\nb", "a\x00b"]:
+            for path in (_path(bad, "1"), _path("STL", bad), _path(bad)):
+                response = client.get(path)
+                assert response.status_code == 422, (path[:60], response.text[:200])
+                assert response.json()["details"][0]["field"] in ("location", "sku")
 
 
 def test_replayed_and_reordered_records_do_not_regress(
