@@ -22,9 +22,9 @@ from inventory_mutator.app import Adjustment, Reservation, create_app
 from inventory_mutator.producer import AsyncProducer, Delivered
 from inventory_mutator.settings import MutatorSettings
 from local_stack.process import ManagedProcess, free_port
+from local_stack.testing import ODD_VALID_IDS, REFUSED_IDS
 from shared_schemas import decode_key, encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
-from shared_schemas.tests.test_ids import ODD_VALID_IDS, REFUSED_IDS
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
 
 PARTITIONS = 6

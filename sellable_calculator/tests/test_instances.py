@@ -10,12 +10,12 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
 
 from local_stack.process import ManagedProcess, free_port
+from local_stack.testing import inventory_path, odd_ids
 from sellable_calculator.__main__ import _warn_if_state_is_from_other_topics
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
@@ -28,7 +28,6 @@ from sellable_calculator.tests.conftest import (
     wait_until,
 )
 from shared_schemas import encode_key, partition_for
-from shared_schemas.tests.test_ids import ODD_VALID_IDS
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
 
 
@@ -68,20 +67,6 @@ def test_keys_with_spaces_and_non_ascii_are_forwarded_intact(
             assert calculator.sellable(location, sku).json()["sku"] == sku
 
 
-def _path(*ids: str) -> str:
-    """``/inventory/locations/{location}/skus[/{sku}]`` with every character of the ids
-    percent-encoded, dots too (a client would resolve a literal "." segment away)."""
-    encoded = [quote(i, safe="").replace(".", "%2E") for i in ids]
-    return "/inventory/locations/{}/skus".format(*encoded[:1]) + "".join(
-        f"/{e}" for e in encoded[1:]
-    )
-
-
-def _odd_ids(run: str) -> list[str]:
-    """Every odd valid id, made unique to this run (so a listing holds only this test's keys)."""
-    return [f"{i}~{run}" for i in ODD_VALID_IDS if len(i) < 200] + ["y" * 250 + run]
-
-
 def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
     calculators: list[Calculator], mutations: Mutations
 ) -> None:
@@ -91,7 +76,7 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
     decoded once too often answered one with the other's skus (or 503 for ``a%2Fb``).
     """
     run = uuid.uuid4().hex[:6]
-    ids = _odd_ids(run)
+    ids = odd_ids(run)
     expected: dict[str, dict[str, int]] = {}
     for n, location in enumerate(ids):
         # Every location has skus on both instances, so every listing is a real fan-out.
@@ -107,14 +92,14 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
         for n, sku in enumerate(ids):
             response = wait_until(
                 lambda c=calculator, s=sku: (
-                    (r := c.get(_path(odd_sku_location, s))).status_code == 200 and r
+                    (r := c.get(inventory_path(odd_sku_location, s))).status_code == 200 and r
                 ),
             )
             assert response.json() == {"locationId": odd_sku_location, "sku": sku, "count": n + 1}
         for location, skus in expected.items():
             response = wait_until(
                 lambda c=calculator, loc=location: (
-                    (r := c.get(_path(loc))).status_code == 200
+                    (r := c.get(inventory_path(loc))).status_code == 200
                     and len(r.json()["skus"]) == len(expected[loc])
                     and r
                 )
@@ -136,10 +121,10 @@ def test_ids_the_mutator_refuses_are_422_on_every_get(
 ) -> None:
     for calculator in calculators:
         for path in (
-            _path(bad, "1"),
-            _path("STL", bad),
-            _path(bad),
-            "/metadata" + _path(bad, "1").removeprefix("/inventory"),
+            inventory_path(bad, "1"),
+            inventory_path("STL", bad),
+            inventory_path(bad),
+            "/metadata" + inventory_path(bad, "1").removeprefix("/inventory"),
         ):
             response = calculator.get(path)
             assert response.status_code == 422, (path[:60], response.text[:200])
@@ -147,7 +132,7 @@ def test_ids_the_mutator_refuses_are_422_on_every_get(
             assert error["error"] == "invalid_request"
             assert error["details"][0]["field"] in ("location", "sku")
     # "/" cannot be in an id: encoded or not, it splits the path and matches no route.
-    assert calculators[0].get(_path("a/b", "1")).status_code == 404
+    assert calculators[0].get(inventory_path("a/b", "1")).status_code == 404
 
 
 def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
@@ -21,13 +20,12 @@ from fastapi.testclient import TestClient
 
 from local_stack.cassandra import PROTOCOL_VERSION, CassandraEndpoint, EmbeddedCassandra
 from local_stack.process import free_port
-from local_stack.testing import wait_until
+from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
 from sellable_service.writer import Upsert
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
-from shared_schemas.tests.test_ids import ODD_VALID_IDS
 from shared_schemas.topics import TopicSpec, ensure_topics
 
 PARTITIONS = 6
@@ -180,14 +178,6 @@ def test_location_listing_pages(
         assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "limit")
 
 
-def _path(*ids: str) -> str:
-    """``/inventory/locations/{location}/skus[/{sku}]``, every character percent-encoded."""
-    encoded = [quote(i, safe="").replace(".", "%2E") for i in ids]
-    return "/inventory/locations/{}/skus".format(*encoded[:1]) + "".join(
-        f"/{e}" for e in encoded[1:]
-    )
-
-
 @contextmanager
 def _served(app: FastAPI) -> Iterator[httpx.Client]:
     """``app`` served by uvicorn on a free port in a thread, and a client for it."""
@@ -210,7 +200,7 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location(
     new_settings: Callable[[], ServiceSettings], publisher: Publisher
 ) -> None:
     run = uuid.uuid4().hex[:6]
-    ids = [f"{i}~{run}" for i in ODD_VALID_IDS if len(i) < 200] + ["y" * 250 + run]
+    ids = odd_ids(run)
     # Over a real socket: Starlette's TestClient decodes the path twice ("a%2520b" arrives
     # as "a b"), which is the very defect this test must be able to see.
     with _served(create_app(new_settings())) as client:
@@ -219,16 +209,18 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location(
             publisher.send(f"odd-skus {run}", odd, n)
         publisher.flush()
         for n, odd in enumerate(ids):
-            wait_until(lambda o=odd: client.get(_path(o, "sku")).status_code == 200)
-            assert client.get(_path(odd, "sku")).json() == {
+            wait_until(lambda o=odd: client.get(inventory_path(o, "sku")).status_code == 200)
+            assert client.get(inventory_path(odd, "sku")).json() == {
                 "locationId": odd,
                 "sku": "sku",
                 "count": n,
             }
-            listing = client.get(_path(odd)).json()
+            listing = client.get(inventory_path(odd)).json()
             assert listing["skus"] == [{"locationId": odd, "sku": "sku", "count": n}], odd
-            wait_until(lambda o=odd: client.get(_path(f"odd-skus {run}", o)).status_code == 200)
-            answer = client.get(_path(f"odd-skus {run}", odd)).json()
+            wait_until(
+                lambda o=odd: client.get(inventory_path(f"odd-skus {run}", o)).status_code == 200
+            )
+            answer = client.get(inventory_path(f"odd-skus {run}", odd)).json()
             assert answer == {"locationId": f"odd-skus {run}", "sku": odd, "count": n}
 
 
@@ -241,7 +233,7 @@ def test_ids_the_mutator_refuses_are_422_never_500(
     with TestClient(create_app(new_settings())) as client:
         client.app.state.table.wait_connected(30)  # type: ignore[attr-defined]
         for bad in ["L" * 65_536, "L" * 257, "  P  ", ".", "..", "a\r\nb", "a\x00b"]:
-            for path in (_path(bad, "1"), _path("STL", bad), _path(bad)):
+            for path in (inventory_path(bad, "1"), inventory_path("STL", bad), inventory_path(bad)):
                 response = client.get(path)
                 assert response.status_code == 422, (path[:60], response.text[:200])
                 assert response.json()["details"][0]["field"] in ("location", "sku")
