@@ -400,9 +400,8 @@ def test_metrics_count_requests_by_endpoint_and_status(client: TestClient) -> No
     assert client.get("/health/ready").json()["ready"] is True
 
 
-def test_process_serves_the_original_command_and_stops_on_sigterm(
-    kafka_bootstrap: str, tmp_path: object
-) -> None:
+def _mutator_process(kafka_bootstrap: str, log_dir: object) -> tuple[ManagedProcess, int]:
+    """The mutator as its own process (not started yet), and its port."""
     port = free_port()
     env = {
         **os.environ,
@@ -414,8 +413,15 @@ def test_process_serves_the_original_command_and_stops_on_sigterm(
         "mutator",
         [sys.executable, "-m", "inventory_mutator"],
         env=env,
-        log_dir=tmp_path,  # type: ignore[arg-type]
+        log_dir=log_dir,  # type: ignore[arg-type]
     )
+    return process, port
+
+
+def test_process_serves_the_original_command_and_stops_on_sigterm(
+    kafka_bootstrap: str, tmp_path: object
+) -> None:
+    process, port = _mutator_process(kafka_bootstrap, tmp_path)
     url = f"http://127.0.0.1:{port}"
     with process:
         process.start()
@@ -438,19 +444,7 @@ def test_a_client_that_disconnects_mid_body_is_no_server_error(
     kafka_bootstrap: str, tmp_path: object
 ) -> None:
     """A client event: no ERROR, no traceback, not a 500 in the metrics, nothing written."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "MUTATOR_PORT": str(port),
-        "TOPIC_PARTITIONS": str(PARTITIONS),
-    }
-    process = ManagedProcess(
-        "mutator",
-        [sys.executable, "-m", "inventory_mutator"],
-        env=env,
-        log_dir=tmp_path,  # type: ignore[arg-type]
-    )
+    process, port = _mutator_process(kafka_bootstrap, tmp_path)
     url = f"http://127.0.0.1:{port}"
     with process:
         process.start()
