@@ -87,6 +87,7 @@ READINESS_TIMEOUT_SECONDS = 3.0
 _COUNT_TEXT = re.compile(r"[+-]?[0-9]+")
 """A count sent as a string: ASCII digits only (``[0-9]``, unlike ``int()``, which also
 reads Arabic-Indic or full-width digits), an optional sign, nothing around them."""
+_INT32_DIGITS = len(str(INT32_MAX))
 WHOLE_NUMBER = "must be a whole number: a JSON integer or a string of ASCII digits"
 
 
@@ -99,10 +100,12 @@ def parse_count(value: Any, minimum: int) -> int:
         raise ValueError(f"{WHOLE_NUMBER}, not a boolean")
     if type(value) is int:
         number = value
-    elif isinstance(value, str) and _COUNT_TEXT.fullmatch(value):
+    elif isinstance(value, str) and (
+        (value.isascii() and value.isdigit()) or _COUNT_TEXT.fullmatch(value)
+    ):
         # More than 10 significant digits is out of range whatever they are; checked
         # first so int() never reads a huge string (slow, and refused beyond 4,300 digits).
-        if len(value.lstrip("+-").lstrip("0")) > len(str(INT32_MAX)):
+        if len(value) > _INT32_DIGITS and len(value.lstrip("+-").lstrip("0")) > _INT32_DIGITS:
             raise ValueError(f"must be between {minimum} and {INT32_MAX}")
         number = int(value)
     elif isinstance(value, float):

@@ -78,8 +78,14 @@ ID_JSON_SCHEMA: dict[str, Any] = {
 
 def id_problem(value: Any) -> str | None:
     """None if ``value`` is a valid id, else the rule it breaks, in words for a client."""
-    if type(value) is str and len(value) <= MAX_ID_LENGTH and _VALID.fullmatch(value):
-        return None  # the common case, in one regular-expression match
+    # Letters and digits only (most ids) are valid if not empty, and isalnum() says that
+    # too, at a third of the regular expression's cost (this is on every request).
+    if (
+        type(value) is str
+        and len(value) <= MAX_ID_LENGTH
+        and (value.isalnum() or _VALID.fullmatch(value))
+    ):
+        return None
     if not isinstance(value, str):
         return "must be a string"
     if not value:
