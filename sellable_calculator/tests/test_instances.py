@@ -96,6 +96,10 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
                 ),
             )
             assert response.json() == {"locationId": odd_sku_location, "sku": sku, "count": n + 1}
+            where = calculator.get(
+                "/metadata" + inventory_path(odd_sku_location, sku).removeprefix("/inventory")
+            )
+            assert (where.json()["locationId"], where.json()["sku"]) == (odd_sku_location, sku)
         for location, skus in expected.items():
             response = wait_until(
                 lambda c=calculator, loc=location: (
