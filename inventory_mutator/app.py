@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -32,24 +33,35 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import Annotated, Any
 
 from confluent_kafka import Producer
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+from starlette.requests import ClientDisconnect
 
 from inventory_mutator.idempotency import IdempotencyCache, IdempotencyConflict
 from inventory_mutator.producer import AsyncProducer, Delivered, ProduceFailed, ProducerStatus
 from inventory_mutator.settings import MutatorSettings
 from shared_schemas.http import (
+    error_doc,
     error_response,
     install_error_handlers,
     operations_router,
     validation_error_response,
 )
+from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -65,7 +77,6 @@ from shared_schemas.topics import (
 log = logging.getLogger(__name__)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-MAX_ID_LENGTH = 128
 MUTATION_TOPICS = (INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS)
 
 KAFKA_CHECK_TIMEOUT_SECONDS = 2.5
@@ -73,33 +84,75 @@ KAFKA_CHECK_TIMEOUT_SECONDS = 2.5
 READINESS_TIMEOUT_SECONDS = 3.0
 """Longest wait of ``/health/ready`` for the broker check (which goes on in the background)."""
 
+_COUNT_TEXT = re.compile(r"[+-]?[0-9]+")
+"""A count sent as a string: ASCII digits only (``[0-9]``, unlike ``int()``, which also
+reads Arabic-Indic or full-width digits), an optional sign, nothing around them."""
+_INT32_DIGITS = len(str(INT32_MAX))
+WHOLE_NUMBER = "must be a whole number: a JSON integer or a string of ASCII digits"
 
-def _whole_number(value: Any) -> int:
-    """Accept ints and numeric strings ("100", as the original example sends)."""
+
+def parse_count(value: Any, minimum: int) -> int:
+    """``value`` as a count in [``minimum``, INT32_MAX], never zero, or ValueError saying why.
+
+    Accepts a JSON integer or a numeric string ("100", as the original example sends).
+    """
     if isinstance(value, bool):
-        raise ValueError("must be a whole number, not a boolean")
-    if isinstance(value, int):
+        raise ValueError(f"{WHOLE_NUMBER}, not a boolean")
+    if type(value) is int:
         number = value
-    elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
-        number = int(value.strip())
+    elif isinstance(value, str) and (
+        (value.isascii() and value.isdigit()) or _COUNT_TEXT.fullmatch(value)
+    ):
+        # More than 10 significant digits is out of range whatever they are; checked
+        # first so int() never reads a huge string (slow, and refused beyond 4,300 digits).
+        if len(value) > _INT32_DIGITS and len(value.lstrip("+-").lstrip("0")) > _INT32_DIGITS:
+            raise ValueError(f"must be between {minimum} and {INT32_MAX}")
+        number = int(value)
+    elif isinstance(value, float):
+        raise ValueError(f"{WHOLE_NUMBER}, not a fraction or exponent")
     else:
-        raise ValueError("must be a whole number (a JSON number or a numeric string)")
+        raise ValueError(WHOLE_NUMBER)
+    if minimum > 0 and number < minimum:
+        raise ValueError("must be positive")
+    if number == 0:
+        raise ValueError("must not be zero")
     if not INT32_MIN <= number <= INT32_MAX:
-        raise ValueError(f"must be between {INT32_MIN} and {INT32_MAX}")
+        raise ValueError(f"must be between {minimum} and {INT32_MAX}")
     return number
 
 
+def _up_to(limit: int) -> str:
+    """A regular expression for the decimal numbers 1 to ``limit`` (no sign, no leading 0)."""
+    digits = str(limit)
+    alternatives = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for i, digit in enumerate(digits):
+        low, high = (1 if i == 0 else 0), int(digit) - 1
+        if high >= low:
+            rest = len(digits) - i - 1
+            choice = str(low) if low == high else f"[{low}-{high}]"
+            alternatives.append(f"{digits[:i]}{choice}" + (f"[0-9]{{{rest}}}" if rest else ""))
+    alternatives.append(digits)
+    return "(?:" + "|".join(alternatives) + ")"
+
+
+def _count_schema(minimum: int, description: str) -> dict[str, Any]:
+    """The JSON Schema of a count: exactly what :func:`parse_count` accepts, for ``/docs``."""
+    positive = rf"\+?0*{_up_to(INT32_MAX)}"
+    pattern = positive if minimum > 0 else rf"{positive}|-0*{_up_to(-INT32_MIN)}"
+    return {
+        "description": description,
+        "anyOf": [
+            {"type": "integer", "minimum": minimum, "maximum": INT32_MAX, "not": {"const": 0}},
+            {"type": "string", "pattern": f"^(?:{pattern})$"},
+        ],
+    }
+
+
 def _identifier(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
-    text = value.strip()
-    if not text:
-        raise ValueError("must not be empty")
-    if len(text) > MAX_ID_LENGTH:
-        raise ValueError(f"must be at most {MAX_ID_LENGTH} characters")
-    if not text.isprintable():
-        raise ValueError("must contain printable characters only")
-    return text
+    problem = id_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
 
 
 class _Mutation(BaseModel):
@@ -107,10 +160,15 @@ class _Mutation(BaseModel):
 
     locationId: str = Field(
         validation_alias=AliasChoices("locationId", "location"),
-        description="Location id (`location` is accepted too).",
+        description=f"Location id (`location` is accepted too): {ID_DESCRIPTION}",
         examples=["STL"],
+        json_schema_extra=ID_JSON_SCHEMA,
     )
-    sku: str = Field(examples=["123123"])
+    sku: str = Field(
+        description=f"Sku id: {ID_DESCRIPTION}",
+        examples=["123123"],
+        json_schema_extra=ID_JSON_SCHEMA,
+    )
 
     @field_validator("locationId", "sku", mode="before")
     @classmethod
@@ -121,33 +179,41 @@ class _Mutation(BaseModel):
 class Adjustment(_Mutation):
     """A change of the on-hand quantity: positive for receipts, negative for shrinkage."""
 
-    count: int = Field(
-        description="Non-zero 32-bit integer; a numeric string is accepted.", examples=[100]
-    )
+    count: Annotated[
+        int,
+        WithJsonSchema(
+            _count_schema(
+                INT32_MIN,
+                "Non-zero 32-bit integer: a JSON integer, or a string of ASCII digits with "
+                'an optional sign ("100", as the original example sends).',
+            )
+        ),
+    ] = Field(examples=[100])
 
     @field_validator("count", mode="before")
     @classmethod
     def _count(cls, value: Any) -> int:
-        number = _whole_number(value)
-        if number == 0:
-            raise ValueError("must not be zero")
-        return number
+        return parse_count(value, INT32_MIN)
 
 
 class Reservation(_Mutation):
     """Units promised to an order: they stop being sellable."""
 
-    count: int = Field(
-        description="Positive 32-bit integer; a numeric string is accepted.", examples=[10]
-    )
+    count: Annotated[
+        int,
+        WithJsonSchema(
+            _count_schema(
+                1,
+                "Positive 32-bit integer: a JSON integer, or a string of ASCII digits with "
+                'an optional "+" ("10", as the original example sends).',
+            )
+        ),
+    ] = Field(examples=[10])
 
     @field_validator("count", mode="before")
     @classmethod
     def _count(cls, value: Any) -> int:
-        number = _whole_number(value)
-        if number <= 0:
-            raise ValueError("must be positive")
-        return number
+        return parse_count(value, 1)
 
 
 class MutationAccepted(BaseModel):
@@ -184,6 +250,26 @@ UNAVAILABLE_DOC = (
     "it back) or was not: retry with the same `Idempotency-Key` to be safe against a "
     "duplicate within the key's window."
 )
+
+
+CLIENT_CLOSED = "499"
+"""``mutator_requests_total`` status of a request whose client disconnected before sending
+its whole body (nginx's "client closed request"); no answer is sent."""
+
+
+def _media_type_problem(content_type: str | None) -> str | None:
+    """None if ``content_type`` is JSON (``application/json``, ``application/*+json``),
+    else what is wrong with it, in words for the client."""
+    if content_type is None:
+        return "missing; send application/json"
+    if content_type == "application/json":
+        return None  # the common case, before any parsing
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return None
+    return f"must be application/json (or application/*+json), not {media or 'empty'}"
 
 
 class TopicsMissing(RuntimeError):
@@ -469,6 +555,14 @@ def create_app(settings: MutatorSettings) -> FastAPI:
                 f"Idempotency-Key: {problem}",
                 [{"field": "Idempotency-Key", "problem": problem}],
             )
+        unsupported = _media_type_problem(request.headers.get("content-type"))
+        if unsupported is not None:
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"Content-Type: {unsupported}",
+                [{"field": "Content-Type", "problem": unsupported}],
+            )
         raw = await read_body(request)
         if isinstance(raw, Response):
             return raw
@@ -496,6 +590,12 @@ def create_app(settings: MutatorSettings) -> FastAPI:
                     response = checked
                 else:
                     response = await accept(spec, *checked)
+            except ClientDisconnect:
+                # The client went away before its body arrived: nothing was written and
+                # nobody is left to answer. Its event, not a server failure.
+                log.debug("client disconnected before sending its whole body on %s", path)
+                requests.labels(path, CLIENT_CLOSED).inc()
+                return Response(status_code=int(CLIENT_CLOSED))
             except Exception:
                 requests.labels(path, "500").inc()
                 raise
@@ -507,10 +607,21 @@ def create_app(settings: MutatorSettings) -> FastAPI:
         return endpoint
 
     responses: dict[int | str, dict[str, Any]] = {
-        400: {"description": "Malformed JSON"},
-        413: {"description": "Body too large"},
-        422: {"description": "Invalid field (the body names it) or a reused Idempotency-Key"},
-        503: {"description": UNAVAILABLE_DOC},
+        400: error_doc("The body is not JSON (`malformed_json`)."),
+        413: error_doc(
+            f"The body is larger than MUTATOR_MAX_BODY_BYTES "
+            f"({settings.mutator_max_body_bytes}) (`body_too_large`)."
+        ),
+        415: error_doc(
+            "Content-Type is missing or not JSON (`unsupported_media_type`): send "
+            "`application/json` (or `application/*+json`)."
+        ),
+        422: error_doc(
+            "A field breaks its rule (`invalid_request`; `details` names every field and "
+            "its rule: ids, count, Idempotency-Key), or an Idempotency-Key was reused for "
+            "another mutation (`idempotency_key_reused`). Nothing was written."
+        ),
+        503: error_doc(UNAVAILABLE_DOC),
     }
 
     for name, path, model, spec, summary, example in (

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import aiohttp
 import yarl
@@ -36,7 +37,15 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import error_response, install_error_handlers, operations_router
+from shared_schemas.http import (
+    LocationPath,
+    SkuPath,
+    error_doc,
+    error_response,
+    install_error_handlers,
+    invalid_id_response,
+    operations_router,
+)
 from shared_schemas.partitioner import key_and_partition, partition_for
 from shared_schemas.positions import Position
 
@@ -137,6 +146,22 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(json.dumps(body), status, headers, media_type="application/json")
 
 
+def _raw_path(request: Request) -> str:
+    """The request's path exactly as it arrived, still percent-encoded.
+
+    What a forwarded request must carry: the decoded path would be decoded once more by
+    the instance it goes to (``a%2520b`` would become ``a b`` instead of ``a%20b``), and an
+    HTTP client would resolve the dot segments or percent-encode it differently.
+    """
+    raw: bytes | None = request.scope.get("raw_path")
+    if raw is None:
+        return quote(request.url.path)
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:  # raw bytes beyond ASCII: encode them, keep every escape
+        return quote(raw, safe="/%!$&'()*+,;=:@~")
+
+
 def _view(info: InstanceInfo, me: InstanceInfo) -> InstanceView:
     return InstanceView(
         instanceId=info.instance_id,
@@ -213,10 +238,8 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
     ) -> Response:
         # Only the path and query go to the owner's advertised URL: never a host taken
         # from the request.
-        # The path and query exactly as they arrived (still percent-encoded).
-        raw_path: bytes = request.scope.get("raw_path") or request.url.path.encode()
         query = request.scope["query_string"]
-        url = owner.url + raw_path.decode() + (f"?{query.decode()}" if query else "")
+        url = owner.url + _raw_path(request) + (f"?{query.decode()}" if query else "")
         try:
             async with client.get(
                 yarl.URL(url, encoded=True),
@@ -244,21 +267,23 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         response_model=SellableInventory,
         summary="Sellable inventory of one sku at one location",
         responses={
-            404: {"description": "No adjustment for this key yet"},
-            422: {"description": "Bad position or timeout"},
-            503: {
-                "description": "The owning instance is unknown or unreachable, or too many "
-                "read-your-writes waits are being relayed already (`too_many_waits`, "
-                "with `Retry-After`)"
-            },
+            404: error_doc("No adjustment for this key yet"),
+            422: error_doc("An id breaks the id rule, or a bad position or timeout"),
+            503: error_doc(
+                "The owning instance is unknown or unreachable, or too many read-your-writes "
+                "waits are being relayed already (`too_many_waits`, with `Retry-After`)"
+            ),
             504: {"description": "The owner did not reach the position in time"},
         },
         # The query parameters are read by hand (the hot path skips FastAPI's parameter
         # machinery); they are declared here so /docs still shows them.
         openapi_extra={"parameters": GET_QUERY_PARAMETERS},
     )
-    async def get_sellable(location: str, sku: str, request: Request) -> Response:
+    async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
         started = time.perf_counter()
+        invalid = invalid_id_response(location, sku)
+        if invalid is not None:
+            return invalid
         key, partition = key_and_partition(location, sku, settings.topic_partitions)
         position: list[str] = []
         timeout: float | None = None
@@ -395,21 +420,21 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             [{"field": "position", "problem": problem}],
         )
 
-    async def fan_out(request: Request, path: str) -> list[tuple[InstanceInfo, Any]]:
-        """GET ``path?scope=local`` from every other instance.
+    async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]]:
+        """GET this request's path with ``?scope=local`` from every other instance.
 
         Raises :class:`InstanceUnavailable` for the first that fails: a partial answer
         would look complete to the client.
         """
         client: aiohttp.ClientSession = request.app.state.client
         others = [i for i in runtime.routing.instances() if i.instance_id != me.instance_id]
+        path = _raw_path(request)
         timeout = aiohttp.ClientTimeout(total=settings.calculator_forward_timeout_seconds)
 
         async def one(info: InstanceInfo) -> tuple[InstanceInfo, Any]:
             try:
                 async with client.get(
-                    info.url + path,
-                    params={"scope": "local"},
+                    yarl.URL(f"{info.url}{path}?scope=local", encoded=True),
                     headers={FORWARDED_BY: me.instance_id},
                     timeout=timeout,
                     raise_for_status=True,
@@ -424,14 +449,21 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         "/inventory/locations/{location}/skus",
         response_model=LocationInventory,
         summary="Every sku of a location, from every instance",
+        responses={
+            422: error_doc("The location breaks the id rule, or a bad scope"),
+            503: error_doc("Another instance did not answer (`instance_unavailable`)"),
+        },
     )
     async def list_location(
-        location: str,
+        location: LocationPath,
         request: Request,
         scope: Annotated[
             str, Query(pattern="^(all|local)$", description="`local`: this store only.")
         ] = "all",
     ) -> Response:
+        invalid = invalid_id_response(location)
+        if invalid is not None:
+            return invalid
         local = [
             {"locationId": location, "sku": sku, "count": value.count}
             for sku, value in await asyncio.to_thread(
@@ -441,7 +473,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         skus, consulted = local, [me.instance_id]
         if scope == "all":
             try:
-                for info, body in await fan_out(request, request.url.path):
+                for info, body in await fan_out(request):
                     skus.extend(body["skus"])
                     consulted.append(info.instance_id)
             except InstanceUnavailable as exc:
@@ -459,7 +491,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         counts = {me.instance_id: await asyncio.to_thread(runtime.store.count, runtime.owns)}
         if scope == "all":
             try:
-                for info, body in await fan_out(request, request.url.path):
+                for info, body in await fan_out(request):
                     counts[info.instance_id] = body["count"]
             except InstanceUnavailable as exc:
                 return error_response(503, "instance_unavailable", str(exc))
@@ -483,8 +515,12 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         "/metadata/locations/{location}/skus/{sku}",
         response_model=KeyMetadata,
         summary="Which partition and instance own one key",
+        responses={422: error_doc("An id breaks the id rule")},
     )
-    async def key_metadata(location: str, sku: str) -> KeyMetadata:
+    async def key_metadata(location: LocationPath, sku: SkuPath) -> KeyMetadata | Response:
+        invalid = invalid_id_response(location, sku)
+        if invalid is not None:
+            return invalid
         _, partition = key_and_partition(location, sku, settings.topic_partitions)
         owner = runtime.routing.owner(partition)
         return KeyMetadata(

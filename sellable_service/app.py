@@ -29,11 +29,16 @@ from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
 from sellable_service.writer import SellableWriter
 from shared_schemas.http import (
+    LocationPath,
+    SkuPath,
+    error_doc,
     error_response,
     install_error_handlers,
+    invalid_id_response,
     operations_router,
     unknown_query_parameters,
 )
+from shared_schemas.ids import MAX_ID_LENGTH
 
 LISTING_PARAMETERS = frozenset({"limit", "after"})
 """The only query parameters of the location listing; any other is answered 422."""
@@ -108,16 +113,19 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         response_model=SellableInventory,
         summary="Sellable inventory of one sku at one location",
         responses={
-            404: {"description": "Unknown key"},
-            422: {"description": "A query parameter was given; this GET takes none"},
-            503: {"description": "Cassandra down"},
+            404: error_doc("Unknown key"),
+            422: error_doc("An id breaks the id rule, or a query parameter was given"),
+            503: error_doc("Cassandra down"),
         },
     )
-    async def get_sellable(location: str, sku: str, request: Request) -> Response:
+    async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
         # No query parameters at all: `?position=` (the calculator's read-your-writes)
         # must not look as if it had been honoured.
         if request.scope["query_string"] and (names := request.query_params.keys()):
             return unknown_query_parameters(names)
+        invalid = invalid_id_response(location, sku)
+        if invalid is not None:
+            return invalid  # before Cassandra: it fails on keys over its size limit
         started = time.perf_counter()
         try:
             count = await table.sellable_count(location, sku)
@@ -135,19 +143,29 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         "/inventory/locations/{location}/skus",
         response_model=LocationPage,
         summary="The skus of a location, a page at a time",
-        responses={422: {"description": "Bad or unknown query parameter"}},
+        responses={
+            422: error_doc(
+                "The location breaks the id rule, a bad limit or after, or an unknown "
+                "query parameter"
+            ),
+            503: error_doc("Cassandra down"),
+        },
     )
     async def list_location(
-        location: str,
+        location: LocationPath,
         request: Request,
         limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
         after: Annotated[
-            str, Query(max_length=128, description="The `next` value of the previous page.")
+            str,
+            Query(max_length=MAX_ID_LENGTH, description="The `next` value of the previous page."),
         ] = "",
     ) -> Response:
         unknown = request.query_params.keys() - LISTING_PARAMETERS
         if unknown:
             return unknown_query_parameters(unknown)
+        invalid = invalid_id_response(location)
+        if invalid is not None:
+            return invalid
         try:
             page = await table.location(location, limit, after)
         except CassandraUnavailable as exc:

@@ -20,15 +20,17 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
 from shared_schemas.settings import HttpServerSettings
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,28 @@ def configure_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+class ErrorDetail(BaseModel):
+    """One offending field of a request."""
+
+    field: str = Field(examples=["count"])
+    problem: str = Field(examples=["must not be zero"])
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (4xx and 5xx) of every service."""
+
+    error: str = Field(description="Stable machine-readable code.", examples=["invalid_request"])
+    message: str = Field(description="A sentence for humans.", examples=["count: must not be zero"])
+    details: list[ErrorDetail] | None = Field(
+        None, description="One entry per offending field, when fields are at fault."
+    )
+
+
+def error_doc(description: str) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for an error answered with :func:`error_response`."""
+    return {"model": ErrorBody, "description": description}
+
+
 def error_response(
     status: int,
     error: str,
@@ -55,6 +79,36 @@ def error_response(
     if details:
         body["details"] = details
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+LocationPath = Annotated[
+    str, Path(description=f"Location id: {ID_DESCRIPTION}", json_schema_extra=ID_JSON_SCHEMA)
+]
+"""A ``{location}`` path parameter, documented with the id rule (checked by
+:func:`invalid_id_response`, which words the rule for the client)."""
+SkuPath = Annotated[
+    str, Path(description=f"Sku id: {ID_DESCRIPTION}", json_schema_extra=ID_JSON_SCHEMA)
+]
+"""A ``{sku}`` path parameter, documented with the id rule."""
+
+
+def invalid_id_response(location: str, sku: str | None = None) -> JSONResponse | None:
+    """422 naming each path id that breaks the id rule (:mod:`shared_schemas.ids`), or None.
+
+    Every GET checks its ids before using them: an id the mutator would refuse can have
+    no inventory, and some (a key over Cassandra's size limit) would make the store fail.
+    """
+    location_problem = id_problem(location)
+    sku_problem = None if sku is None else id_problem(sku)
+    if location_problem is None and sku_problem is None:
+        return None
+    details = [
+        {"field": field, "problem": problem}
+        for field, problem in (("location", location_problem), ("sku", sku_problem))
+        if problem is not None
+    ]
+    message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
+    return error_response(422, "invalid_request", message, details)
 
 
 def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
@@ -75,7 +129,15 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     """400 for a body that is not JSON, else 422 naming every offending field."""
-    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+    invalid = [e for e in exc.errors() if e.get("type") == "json_invalid"]
+    if any("number out of range" in str(e.get("msg")) for e in invalid):
+        # Valid JSON, but a number too long for the parser (thousands of digits): the
+        # client's value is at fault, not its syntax.
+        problem = "holds a number too long to be read"
+        return error_response(
+            422, "invalid_request", f"body: {problem}", [{"field": "body", "problem": problem}]
+        )
+    if invalid:
         return error_response(400, "malformed_json", "The request body is not valid JSON.")
     details = _validation_details(exc)
     message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)

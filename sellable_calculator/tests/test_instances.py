@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from local_stack.process import ManagedProcess, free_port
+from local_stack.testing import inventory_path, odd_ids
 from sellable_calculator.__main__ import _warn_if_state_is_from_other_topics
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
@@ -64,6 +65,78 @@ def test_keys_with_spaces_and_non_ascii_are_forwarded_intact(
         for calculator in calculators:
             wait_until(lambda c=calculator, s=sku: c.count_of(location, s) == 3)
             assert calculator.sellable(location, sku).json()["sku"] == sku
+
+
+def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
+    calculators: list[Calculator], mutations: Mutations
+) -> None:
+    """Each GET answers the id it was asked for, local or forwarded.
+
+    ``a b`` and ``a%20b`` are different locations: a listing forwarded with its path
+    decoded once too often answered one with the other's skus (or 503 for ``a%2Fb``).
+    """
+    run = uuid.uuid4().hex[:6]
+    ids = odd_ids(run)
+    expected: dict[str, dict[str, int]] = {}
+    for n, location in enumerate(ids):
+        # Every location has skus on both instances, so every listing is a real fan-out.
+        skus = {sku_owned_by(0, location): n + 1, sku_owned_by(1, location): n + 100}
+        for sku, count in skus.items():
+            mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, count)
+        expected[location] = skus
+    odd_sku_location = f"odd-skus {run}"
+    for n, sku in enumerate(ids):
+        mutations.send(INVENTORY_ADJUSTMENTS.name, odd_sku_location, sku, n + 1)
+    mutations.flush()
+    for calculator in calculators:
+        for n, sku in enumerate(ids):
+            response = wait_until(
+                lambda c=calculator, s=sku: (
+                    (r := c.get(inventory_path(odd_sku_location, s))).status_code == 200 and r
+                ),
+            )
+            assert response.json() == {"locationId": odd_sku_location, "sku": sku, "count": n + 1}
+            where = calculator.get(
+                "/metadata" + inventory_path(odd_sku_location, sku).removeprefix("/inventory")
+            )
+            assert (where.json()["locationId"], where.json()["sku"]) == (odd_sku_location, sku)
+        for location, skus in expected.items():
+            response = wait_until(
+                lambda c=calculator, loc=location: (
+                    (r := c.get(inventory_path(loc))).status_code == 200
+                    and len(r.json()["skus"]) == len(expected[loc])
+                    and r
+                )
+            )
+            body = response.json()
+            assert body["locationId"] == location
+            assert {i["sku"]: i["count"] for i in body["skus"]} == skus, location
+            assert {i["locationId"] for i in body["skus"]} == {location}
+            assert len(body["instances"]) == 2
+
+
+# (Longer request lines than 10,000 characters are refused by uvicorn itself: 400.)
+INVALID_PATH_IDS = ["  P  ", " P", ".", "..", "a\r\nb", "a\x00b", "L" * 257, "L" * 10_000]
+
+
+@pytest.mark.parametrize("bad", INVALID_PATH_IDS, ids=lambda b: repr(b)[:12])
+def test_ids_the_mutator_refuses_are_422_on_every_get(
+    calculators: list[Calculator], bad: str
+) -> None:
+    for calculator in calculators:
+        for path in (
+            inventory_path(bad, "1"),
+            inventory_path("STL", bad),
+            inventory_path(bad),
+            "/metadata" + inventory_path(bad, "1").removeprefix("/inventory"),
+        ):
+            response = calculator.get(path)
+            assert response.status_code == 422, (path[:60], response.text[:200])
+            error = response.json()
+            assert error["error"] == "invalid_request"
+            assert error["details"][0]["field"] in ("location", "sku")
+    # "/" cannot be in an id: encoded or not, it splits the path and matches no route.
+    assert calculators[0].get(inventory_path("a/b", "1")).status_code == 404
 
 
 def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:

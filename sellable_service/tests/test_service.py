@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import uvicorn
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from local_stack.broker import EmbeddedBroker
 from local_stack.cassandra import PROTOCOL_VERSION, CassandraEndpoint, EmbeddedCassandra
 from local_stack.process import free_port
-from local_stack.testing import wait_until
+from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
 from sellable_service.writer import Upsert
@@ -212,6 +217,67 @@ def test_location_listing_pages(
         assert (len(exact["skus"]), exact["next"]) == (25, None)
         bad = client.get("/inventory/locations/PAGED/skus", params={"limit": 0})
         assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "limit")
+
+
+@contextmanager
+def _served(app: FastAPI) -> Iterator[httpx.Client]:
+    """``app`` served by uvicorn on a free port in a thread, and a client for it."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_odd_keys_read_back_one_at_a_time_and_by_location(
+    new_settings: Callable[[], ServiceSettings], publisher: Publisher
+) -> None:
+    run = uuid.uuid4().hex[:6]
+    ids = odd_ids(run)
+    # Over a real socket: Starlette's TestClient decodes the path twice ("a%2520b" arrives
+    # as "a b"), which is the very defect this test must be able to see.
+    with _served(create_app(new_settings())) as client:
+        for n, odd in enumerate(ids):
+            publisher.send(odd, "sku", n)
+            publisher.send(f"odd-skus {run}", odd, n)
+        publisher.flush()
+        for n, odd in enumerate(ids):
+            wait_until(lambda o=odd: client.get(inventory_path(o, "sku")).status_code == 200)
+            assert client.get(inventory_path(odd, "sku")).json() == {
+                "locationId": odd,
+                "sku": "sku",
+                "count": n,
+            }
+            listing = client.get(inventory_path(odd)).json()
+            assert listing["skus"] == [{"locationId": odd, "sku": "sku", "count": n}], odd
+            wait_until(
+                lambda o=odd: client.get(inventory_path(f"odd-skus {run}", o)).status_code == 200
+            )
+            answer = client.get(inventory_path(f"odd-skus {run}", odd)).json()
+            assert answer == {"locationId": f"odd-skus {run}", "sku": odd, "count": n}
+
+
+def test_ids_the_mutator_refuses_are_422_never_500(
+    new_settings: Callable[[], ServiceSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Cassandra sees them: a 65,536-byte location is over its key limit (it was a 500)."""
+    # The test client refuses URLs over 64 KiB; the app itself must still answer them.
+    monkeypatch.setattr("httpx2._urlparse.MAX_URL_LENGTH", 1_000_000)
+    with TestClient(create_app(new_settings())) as client:
+        client.app.state.table.wait_connected(30)  # type: ignore[attr-defined]
+        for bad in ["L" * 65_536, "L" * 257, "  P  ", ".", "..", "a\r\nb", "a\x00b"]:
+            for path in (inventory_path(bad, "1"), inventory_path("STL", bad), inventory_path(bad)):
+                response = client.get(path)
+                assert response.status_code == 422, (path[:60], response.text[:200])
+                assert response.json()["details"][0]["field"] in ("location", "sku")
 
 
 def test_replayed_and_reordered_records_do_not_regress(
