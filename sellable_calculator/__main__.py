@@ -35,7 +35,13 @@ from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
-from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable, advertise
+from sellable_calculator.routing import (
+    InstanceInfo,
+    RoutingFollower,
+    RoutingTable,
+    advertise,
+    withdraw,
+)
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from shared_schemas.http import configure_logging, server_config, tune_gc_for_serving
@@ -143,6 +149,14 @@ def _warn_if_state_is_from_other_topics(
         settings.instance_dir,
         missing,
     )
+
+
+def _withdraw(settings: CalculatorSettings, me: InstanceInfo) -> None:
+    """Leave the routing table on a clean stop; a failure only means a stale entry."""
+    try:
+        withdraw(settings, me)
+    except (RuntimeError, KafkaException) as exc:
+        log.warning("could not withdraw from the routing table: %s", exc)
 
 
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
@@ -278,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("dataflow stopped")
         if routing_lost.is_set():
             status = 1
+        else:
+            _withdraw(settings, me)
     except Exception as exc:
         log.error("%s failed: %s", settings.instance_id, exc, exc_info=not isinstance(exc, OSError))
         status = 1

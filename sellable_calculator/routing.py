@@ -145,6 +145,22 @@ class RoutingTable:
 
 def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 10.0) -> None:
     """Publish ``info`` on the instances topic and wait for the acknowledgement."""
+    _publish(settings, info.instance_id, info.to_json(), timeout)
+    log.info(
+        "advertised %s at %s owning partitions %s", info.instance_id, info.url, info.partitions
+    )
+
+
+def withdraw(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 3.0) -> None:
+    """Delete ``info``'s record (a tombstone): an instance that stops cleanly leaves the
+    routing table, so nobody forwards to it or fans out to it any more."""
+    _publish(settings, info.instance_id, None, timeout)
+    log.info("withdrew %s from the routing table", info.instance_id)
+
+
+def _publish(
+    settings: CalculatorSettings, instance_id: str, value: bytes | None, timeout: float
+) -> None:
     producer = Producer(
         {
             "bootstrap.servers": settings.kafka_bootstrap_servers,
@@ -155,15 +171,14 @@ def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float =
     failures: list[str] = []
     producer.produce(
         CALCULATOR_INSTANCES.name,
-        info.to_json(),
-        info.instance_id.encode(),
+        value,
+        instance_id.encode(),
         on_delivery=lambda err, _msg: failures.append(str(err)) if err else None,
     )
     if producer.flush(timeout) or failures:
-        raise RuntimeError(f"could not advertise {info.instance_id}: {failures or 'timed out'}")
-    log.info(
-        "advertised %s at %s owning partitions %s", info.instance_id, info.url, info.partitions
-    )
+        raise RuntimeError(
+            f"could not publish the record of {instance_id}: {failures or 'timed out'}"
+        )
 
 
 class RoutingFollower:

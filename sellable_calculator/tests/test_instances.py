@@ -304,7 +304,7 @@ def test_owner_down_answers_503_quickly_and_own_keys_still_200(
     mutations.adjust(location, theirs, 6)
     wait_until(lambda: calculators[0].count_of(location, theirs) == 6)
     assert calculators[1].process is not None
-    calculators[1].process.stop()
+    calculators[1].process.kill()  # a crash: its routing record stays (a clean stop withdraws it)
     try:
         started = time.monotonic()
         response = calculators[0].sellable(location, theirs)
@@ -407,3 +407,28 @@ def test_end_offsets_that_lag_behind_records_the_broker_has_are_no_reason_to_war
         _warn_if_state_is_from_other_topics(settings, store, lagging)
     assert "the broker does not have" in caplog.text
     store.close()
+
+
+def test_an_instance_that_stops_cleanly_leaves_the_routing_table(
+    calculators: list[Calculator], tmp_path: Path
+) -> None:
+    """SIGTERM: the instance deletes its record, so nobody routes or fans out to it."""
+    env = {
+        **calculators[0].env,
+        "CALCULATOR_PORT": str(free_port()),
+        "CALCULATOR_INSTANCE_ID": f"leaving-{uuid.uuid4().hex[:6]}",
+        "CALCULATOR_STATE_DIR": str(tmp_path),
+    }
+    leaving = Calculator(0, int(env["CALCULATOR_PORT"]), env, tmp_path / "logs")
+    leaving.start()
+
+    def listed() -> set[str]:
+        return {i["instanceId"] for i in calculators[1].get("/metadata").json()["instances"]}
+
+    wait_until(lambda: env["CALCULATOR_INSTANCE_ID"] in listed())
+    assert leaving.process is not None
+    assert leaving.process.stop() == 0
+    wait_until(lambda: env["CALCULATOR_INSTANCE_ID"] not in listed())
+    # The partitions it took over are back with their former owner.
+    assert listed() == {c.env["CALCULATOR_INSTANCE_ID"] for c in calculators}
+    assert calculators[1].get("/metadata").json()["unownedPartitions"] == []
