@@ -61,7 +61,7 @@ from shared_schemas.http import (
     operations_router,
     validation_error_response,
 )
-from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
+from shared_schemas.ids import END, ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -94,7 +94,8 @@ WHOLE_NUMBER = "must be a whole number: a JSON integer or a string of ASCII digi
 def parse_count(value: Any, minimum: int) -> int:
     """``value`` as a count in [``minimum``, INT32_MAX], never zero, or ValueError saying why.
 
-    Accepts a JSON integer or a numeric string ("100", as the original example sends).
+    Accepts a JSON integer (``100``, and ``100.0`` or ``1e2``, the same number to JSON) or
+    a numeric string ("100", as the original example sends).
     """
     if isinstance(value, bool):
         raise ValueError(f"{WHOLE_NUMBER}, not a boolean")
@@ -109,7 +110,13 @@ def parse_count(value: Any, minimum: int) -> int:
             raise ValueError(f"must be between {minimum} and {INT32_MAX}")
         number = int(value)
     elif isinstance(value, float):
-        raise ValueError(f"{WHOLE_NUMBER}, not a fraction or exponent")
+        # JSON does not tell 100.0 from 100, nor does JSON Schema's "integer": a whole
+        # number written with a fraction or exponent is that number.
+        if not value.is_integer():
+            raise ValueError(f"{WHOLE_NUMBER}, not a fraction")
+        if not INT32_MIN <= value <= INT32_MAX:
+            raise ValueError(f"must be between {minimum} and {INT32_MAX}")
+        number = int(value)
     else:
         raise ValueError(WHOLE_NUMBER)
     if minimum > 0 and number < minimum:
@@ -143,7 +150,7 @@ def _count_schema(minimum: int, description: str) -> dict[str, Any]:
         "description": description,
         "anyOf": [
             {"type": "integer", "minimum": minimum, "maximum": INT32_MAX, "not": {"const": 0}},
-            {"type": "string", "pattern": f"^(?:{pattern})$"},
+            {"type": "string", "pattern": f"^(?:{pattern}){END}"},
         ],
     }
 
@@ -519,8 +526,10 @@ def create_app(settings: MutatorSettings) -> FastAPI:
                     f"{spec.name}:{idempotency_key}", fingerprint, lambda: write(spec, mutation)
                 )
         except IdempotencyConflict as exc:
+            # 409, not 422: the body is valid; it conflicts with what the server holds
+            # (the key's first request), which no schema of the request can express.
             return error_response(
-                422,
+                409,
                 "idempotency_key_reused",
                 str(exc),
                 [{"field": "Idempotency-Key", "problem": str(exc)}],
@@ -616,10 +625,13 @@ def create_app(settings: MutatorSettings) -> FastAPI:
             "Content-Type is missing or not JSON (`unsupported_media_type`): send "
             "`application/json` (or `application/*+json`)."
         ),
+        409: error_doc(
+            "The Idempotency-Key was already used, within its window, for another mutation "
+            "(`idempotency_key_reused`). Nothing was written."
+        ),
         422: error_doc(
             "A field breaks its rule (`invalid_request`; `details` names every field and "
-            "its rule: ids, count, Idempotency-Key), or an Idempotency-Key was reused for "
-            "another mutation (`idempotency_key_reused`). Nothing was written."
+            "its rule: ids, count, Idempotency-Key). Nothing was written."
         ),
         503: error_doc(UNAVAILABLE_DOC),
     }

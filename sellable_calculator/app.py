@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -46,9 +47,12 @@ from shared_schemas.http import (
     invalid_id_response,
     operations_router,
 )
+from shared_schemas.ids import END
 from shared_schemas.partitioner import key_and_partition, partition_for
 from shared_schemas.positions import Position
 
+MAX_PARTITION_DIGITS = 9
+MAX_OFFSET_DIGITS = 19
 FORWARDED_BY = "X-Forwarded-By"
 SERVED_BY = "X-Served-By"
 
@@ -117,28 +121,67 @@ class KeyMetadata(BaseModel):
     owner: InstanceView | None
 
 
-GET_QUERY_PARAMETERS: list[dict[str, Any]] = [
-    {
-        "name": "position",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "array", "items": {"type": "string"}},
-        "style": "form",
-        "explode": True,
-        "description": "Read-your-writes: a position the mutator returned "
-        "(`topic:partition:offset`); the answer includes that mutation and everything "
-        "before it in the same topic partition. Repeat the parameter to include writes "
-        "to both topics (an adjustment and a reservation).",
-        "example": "inventory_adjustments:2:41",
-    },
-    {
-        "name": "timeout",
-        "in": "query",
-        "required": False,
-        "schema": {"type": "number", "exclusiveMinimum": 0},
-        "description": "Seconds to wait for `position` (default from settings).",
-    },
-]
+POSITION_PATTERN = (
+    rf"^(?:{'|'.join(INPUT_TOPICS)})"
+    rf":[0-9]{{1,{MAX_PARTITION_DIGITS}}}:[0-9]{{1,{MAX_OFFSET_DIGITS}}}{END}"
+)
+"""A position a GET takes: ``topic:partition:offset`` of an input topic, ASCII digits
+(ending with :data:`shared_schemas.ids.END`, not ``$``)."""
+_POSITION = re.compile(POSITION_PATTERN)
+POSITION_PROBLEM = (
+    f"must be <topic>:<partition>:<offset> with the topic {' or '.join(INPUT_TOPICS)}, "
+    f"the partition at most {MAX_PARTITION_DIGITS} and the offset at most "
+    f"{MAX_OFFSET_DIGITS} ASCII digits"
+)
+_SECONDS = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+"""A ``timeout``: a non-negative JSON number (``float()`` alone would also read ``inf``,
+``1_0`` or surrounding spaces)."""
+
+
+def get_query_parameters(max_wait: float) -> list[dict[str, Any]]:
+    """The OpenAPI declaration of the inventory GET's query (read by hand on the hot path)."""
+    return [
+        {
+            "name": "position",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "array", "items": {"type": "string", "pattern": POSITION_PATTERN}},
+            "style": "form",
+            "explode": True,
+            "description": "Read-your-writes: a position the mutator returned "
+            "(`topic:partition:offset`, the topic an input topic); the answer includes that "
+            "mutation and everything before it in the same topic partition. Repeat the "
+            "parameter to include writes to both topics (an adjustment and a reservation). "
+            "A position in another partition than the key's is answered 409.",
+            "example": ["inventory_adjustments:2:41"],
+        },
+        {
+            "name": "timeout",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_wait},
+            "description": "Seconds to wait for `position` (default "
+            "CALCULATOR_WAIT_TIMEOUT_SECONDS; at most CALCULATOR_MAX_WAIT_SECONDS).",
+        },
+    ]
+
+
+class NotCaughtUp(BaseModel):
+    """The 504 of a read-your-writes GET: the position was not applied within the wait."""
+
+    error: str = Field(examples=["not_caught_up"])
+    message: str = Field(examples=["calculator-0 has not applied ... within 5 s"])
+    position: str = Field(description="The position waited for.")
+    reached: str | None = Field(
+        description="The last position of that topic partition the owner has applied, if any."
+    )
+
+
+class KeyCount(BaseModel):
+    """How many keys the instances hold."""
+
+    count: int
+    instances: dict[str, int] = Field(description="Keys per instance consulted.")
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -268,16 +311,26 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         summary="Sellable inventory of one sku at one location",
         responses={
             404: error_doc("No adjustment for this key yet"),
-            422: error_doc("An id breaks the id rule, or a bad position or timeout"),
-            503: error_doc(
-                "The owning instance is unknown or unreachable, or too many read-your-writes "
-                "waits are being relayed already (`too_many_waits`, with `Retry-After`)"
+            409: error_doc(
+                "A `position` in another partition than the key's (`position_elsewhere`): "
+                "which partition a key lives in depends on the deployment's partition count"
             ),
-            504: {"description": "The owner did not reach the position in time"},
+            422: error_doc("An id breaks the id rule, or a bad `position` or `timeout`"),
+            503: error_doc(
+                "The owning instance is unknown (`owner_unknown`), unreachable "
+                "(`owner_unavailable`) or does not own the key after all (`not_owner`), or "
+                "too many read-your-writes waits are being relayed already "
+                "(`too_many_waits`, with `Retry-After`)"
+            ),
+            504: {
+                "model": NotCaughtUp,
+                "description": "The owner did not apply `position` within the wait "
+                "(`not_caught_up`)",
+            },
         },
         # The query parameters are read by hand (the hot path skips FastAPI's parameter
         # machinery); they are declared here so /docs still shows them.
-        openapi_extra={"parameters": GET_QUERY_PARAMETERS},
+        openapi_extra={"parameters": get_query_parameters(settings.calculator_max_wait_seconds)},
     )
     async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
         started = time.perf_counter()
@@ -291,12 +344,14 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
             query = request.query_params
             position = query.getlist("position")
             if "timeout" in query:
-                try:
-                    timeout = float(query["timeout"])
-                    if not timeout > 0:
-                        raise ValueError
-                except ValueError:
-                    problem = "must be a number of seconds greater than 0"
+                text = query["timeout"]
+                if _SECONDS.fullmatch(text):
+                    timeout = float(text)
+                if timeout is None or not 0 < timeout <= settings.calculator_max_wait_seconds:
+                    problem = (
+                        "must be a number of seconds greater than 0 and at most "
+                        f"{settings.calculator_max_wait_seconds:g}"
+                    )
                     return error_response(
                         422,
                         "invalid_request",
@@ -309,16 +364,27 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         )
         targets: list[Position] = []
         for text in position:
-            try:
-                target = Position.parse(text)
-            except ValueError as exc:
-                return _bad_position(str(exc))
-            if target.topic not in INPUT_TOPICS:
-                return _bad_position(f"topic must be one of {', '.join(INPUT_TOPICS)}")
+            if not _POSITION.match(text):
+                return error_response(
+                    422,
+                    "invalid_request",
+                    f"position: {POSITION_PROBLEM}, not {text!r}",
+                    [{"field": "position", "problem": POSITION_PROBLEM}],
+                )
+            topic, partition_text, offset_text = text.rsplit(":", 2)
+            target = Position(topic, int(partition_text), int(offset_text))
             if target.partition != partition:
-                return _bad_position(
+                # 409, not 422: the position is well formed; which partition a key lives in
+                # depends on the deployment (TOPIC_PARTITIONS), not on the request.
+                problem = (
                     f"{location}/{sku} lives in partition {partition}, "
                     f"the position is in partition {target.partition}"
+                )
+                return error_response(
+                    409,
+                    "position_elsewhere",
+                    f"position: {problem}",
+                    [{"field": "position", "problem": problem}],
                 )
             targets.append(target)
 
@@ -412,14 +478,6 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         finally:
             forwarded_waits -= 1
 
-    def _bad_position(problem: str) -> Response:
-        return error_response(
-            422,
-            "invalid_request",
-            f"position: {problem}",
-            [{"field": "position", "problem": problem}],
-        )
-
     async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]]:
         """GET this request's path with ``?scope=local`` from every other instance.
 
@@ -458,7 +516,7 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         location: LocationPath,
         request: Request,
         scope: Annotated[
-            str, Query(pattern="^(all|local)$", description="`local`: this store only.")
+            Literal["all", "local"], Query(description="`local`: this store only.")
         ] = "all",
     ) -> Response:
         invalid = invalid_id_response(location)
@@ -481,11 +539,19 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
         skus.sort(key=lambda item: item["sku"])
         return _json({"locationId": location, "skus": skus, "instances": consulted})
 
-    @app.get("/inventory/count", summary="How many keys the instances hold")
+    @app.get(
+        "/inventory/count",
+        response_model=KeyCount,
+        summary="How many keys the instances hold",
+        responses={
+            422: error_doc("A bad scope"),
+            503: error_doc("Another instance did not answer (`instance_unavailable`)"),
+        },
+    )
     async def count(
         request: Request,
         scope: Annotated[
-            str, Query(pattern="^(all|local)$", description="`local`: this store only.")
+            Literal["all", "local"], Query(description="`local`: this store only.")
         ] = "all",
     ) -> Response:
         counts = {me.instance_id: await asyncio.to_thread(runtime.store.count, runtime.owns)}

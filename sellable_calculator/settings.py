@@ -59,7 +59,9 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
         5.0, gt=0, description="Default wait of a read-your-writes GET before answering 504."
     )
     calculator_max_wait_seconds: float = Field(
-        30.0, gt=0, description="Longest read-your-writes wait a client may ask for."
+        30.0,
+        gt=0,
+        description="Longest read-your-writes wait a client may ask for (a longer timeout is 422).",
     )
     calculator_max_forwarded_waits: int = Field(
         100,

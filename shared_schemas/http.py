@@ -20,14 +20,14 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
@@ -176,10 +176,61 @@ async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Make every error of ``app`` use :func:`error_response`'s shape."""
+    """Make every error of ``app`` use :func:`error_response`'s shape, and say so in its
+    OpenAPI document (:func:`_document_errors`)."""
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_errors(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+_ERROR_BODY_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_INTERNAL_ERROR_DOC = "An unexpected failure (`internal_error`); the log has the details."
+
+
+def _document_errors(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` with the error answers the handlers above really give.
+
+    FastAPI documents its own validation error (``{"detail": [...]}``) as every
+    operation's 422; :func:`validation_error_response` answers with :class:`ErrorBody`
+    instead. And any operation can answer 500 (:func:`_on_unexpected_error`).
+    """
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for answer in responses.values():
+                media = answer.get("content", {}).get("application/json", {})
+                if media.get("schema") == {"$ref": "#/components/schemas/HTTPValidationError"}:
+                    media["schema"] = dict(_ERROR_BODY_REF)
+                    if answer.get("description") == "Validation Error":
+                        answer["description"] = (
+                            "A parameter breaks its rule (`invalid_request`; `details` names "
+                            "each one)."
+                        )
+            responses.setdefault(
+                "500",
+                {
+                    "description": _INTERNAL_ERROR_DOC,
+                    "content": {"application/json": {"schema": dict(_ERROR_BODY_REF)}},
+                },
+            )
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if "ErrorBody" not in schemas:  # an app none of whose routes declared an error
+        schemas["ErrorBody"] = ErrorBody.model_json_schema(ref_template=_REF_TEMPLATE)
+        schemas.update(schemas["ErrorBody"].pop("$defs", {}))
+    return document
+
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 GC_GEN0_THRESHOLD = 20_000
@@ -360,25 +411,69 @@ ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]
 """Returns the readiness facts; raises (any exception) or sets ``ready: False`` when not ready."""
 
 
+class Liveness(BaseModel):
+    """The answer of ``/health/live``."""
+
+    status: Literal["live"]
+
+
+class Readiness(BaseModel):
+    """The answer of ``/health/ready``: ``status`` and ``ready``, then the service's own
+    facts (what it checked, and what is wrong when it is not ready)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ready", "not_ready"]
+    ready: bool
+    error: str | None = Field(
+        None, description="`not_ready` when the check itself failed; `message` says how."
+    )
+    message: str | None = None
+
+
 def operations_router(ready: ReadinessCheck, registry: CollectorRegistry) -> APIRouter:
     """``GET /health/live``, ``GET /health/ready`` and ``GET /metrics`` for one service."""
     router = APIRouter(tags=["operations"])
 
-    @router.get("/health/live", summary="The process is up")
+    @router.get("/health/live", response_model=Liveness, summary="The process is up")
     async def live() -> dict[str, str]:
         return {"status": "live"}
 
-    @router.get("/health/ready", summary="The service can do its job")
+    @router.get(
+        "/health/ready",
+        response_model=Readiness,
+        summary="The service can do its job",
+        responses={503: {"model": Readiness, "description": "Not ready; the facts say why."}},
+    )
     async def readiness() -> JSONResponse:
         try:
             facts = await ready()
         except Exception as exc:
-            return error_response(503, "not_ready", f"{type(exc).__name__}: {exc}")
+            # Both shapes at once: a readiness answer and the usual error body.
+            return JSONResponse(
+                {
+                    "status": "not_ready",
+                    "ready": False,
+                    "error": "not_ready",
+                    "message": f"{type(exc).__name__}: {exc}",
+                },
+                status_code=503,
+            )
         if not facts.get("ready", True):
             return JSONResponse({"status": "not_ready", **facts}, status_code=503)
-        return JSONResponse({"status": "ready", **facts})
+        return JSONResponse({"status": "ready", "ready": True, **facts})
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "The Prometheus text exposition format.",
+                "content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -50,10 +50,18 @@ _ANY = rf"[^{_CONTROL}/]"
 _EDGE = rf"[^{_CONTROL}/{_EDGE_SPACE}]"
 _EDGE_NOT_DOT = rf"[^{_CONTROL}/{_EDGE_SPACE}.]"
 
-# Without lookarounds (not every JSON Schema tool has them): one character that is not
-# ".", two that are not "..", or three and more; edges never whitespace.
+END = r"(?![\s\S])"
+"""The end of the value, for patterns published in OpenAPI documents.
+
+Not ``$``: in Python, and so in the JSON Schema tools written in it (schemathesis and
+hypothesis generate ``"a\\n"`` for ``^a$``), it also matches before a final newline,
+which ECMA-262's (JSON Schema's dialect) does not. "Nothing follows" reads the same in both."""
+
+# One character that is not ".", two that are not "..", or three and more; edges never
+# whitespace. One lookahead, the end (not every JSON Schema tool has lookarounds; the
+# ones this project meets do).
 ID_PATTERN = (
-    rf"^(?:{_EDGE_NOT_DOT}|{_EDGE_NOT_DOT}{_EDGE}|\.{_EDGE_NOT_DOT}|{_EDGE}{_ANY}+{_EDGE})$"
+    rf"^(?:{_EDGE_NOT_DOT}|{_EDGE_NOT_DOT}{_EDGE}|\.{_EDGE_NOT_DOT}|{_EDGE}{_ANY}+{_EDGE}){END}"
 )
 """The id rule (all but the length) as a regular expression, for Python and JSON Schema."""
 
