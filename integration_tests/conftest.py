@@ -91,7 +91,11 @@ class System:
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     home = tmp_path_factory.mktemp("local_stack_home")
-    with started_system(home, partitions=PARTITIONS) as running:
+    # Read-your-writes waits capped at 5 s (the default wait; make up allows 30): the
+    # contract test's fuzzer asks for waits up to the declared maximum, and a 30 s wait
+    # per generated case would make the gate slow and its response-time check flaky.
+    settings = {"CALCULATOR_MAX_WAIT_SECONDS": "5"}
+    with started_system(home, partitions=PARTITIONS, settings=settings) as running:
         system = System(running.mutator, running.service, running.calculators, running.process)
         try:
             yield system

@@ -59,14 +59,21 @@ def consecutive_free_ports(count: int) -> int:
 
 @contextmanager
 def started_system(
-    home: Path, partitions: int = 6, calculators: int = 2, timeout: float = 240
+    home: Path,
+    partitions: int = 6,
+    calculators: int = 2,
+    timeout: float = 240,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[RunningSystem]:
-    """Start the system with its state under ``home``; stop it on exit."""
+    """Start the system with its state under ``home``; stop it on exit.
+
+    ``settings`` are environment variables every service gets on top of this process's.
+    """
     ensure_cassandra_distribution()
     link = home / distribution_dir().name
     if not link.exists():
         link.symlink_to(distribution_dir())
-    env = {**os.environ, "LOCAL_STACK_HOME": str(home)}
+    env = {**os.environ, **(settings or {}), "LOCAL_STACK_HOME": str(home)}
     for external in ("KAFKA_BOOTSTRAP_SERVERS", "CASSANDRA_CONTACT_POINTS", "SCHEMA_REGISTRY_URL"):
         env.pop(external, None)
     mutator, service = free_port(), free_port()
