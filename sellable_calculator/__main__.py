@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(store.positions())
     metrics = CalculatorMetrics()
     health = DataflowHealth()
+    for topic in INPUT_TOPICS:  # not ready until every owned input partition reads
+        for partition in settings.owned_partitions:
+            health.expect_input(topic, partition)
     me = InstanceInfo.of(settings)
     routing = RoutingTable(me)
     stop = threading.Event()

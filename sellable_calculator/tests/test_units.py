@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from sellable_calculator.health import DataflowHealth
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
@@ -80,3 +82,16 @@ def test_settings_ownership() -> None:
         CalculatorSettings(**base, calculator_instance_index=2)
     with pytest.raises(ValidationError, match="not below TOPIC_PARTITIONS"):
         CalculatorSettings(**base, calculator_partitions="6")
+
+
+def test_dataflow_health_is_not_ready_until_every_expected_input_reads() -> None:
+    health = DataflowHealth(stale_after=0.2)
+    health.expect_input("inventory_adjustments", 0)
+    health.expect_input("inventory_reservations", 0)
+    assert set(health.problems()) == {"inventory_adjustments:0", "inventory_reservations:0"}
+    health.report_input("inventory_adjustments", 0, None)
+    health.report_input("inventory_reservations", 0, None)
+    health.expect_input("inventory_adjustments", 0)  # registering again changes nothing
+    assert health.problems() == {}
+    time.sleep(0.3)  # no report since: the dataflow is not polling
+    assert "not polling" in health.problems()["inventory_adjustments:0"]
