@@ -325,42 +325,55 @@ def test_undecodable_records_are_skipped_and_counted(
         assert _metric(client, "service_undecodable_records_total") == 3
 
 
-def test_cassandra_down_and_back_mid_stream(
-    kafka_bootstrap: str, topic: str, keyspace: str, publisher: Publisher, tmp_path: Path
-) -> None:
+@contextmanager
+def _own_cassandra(
+    tmp_path: Path, kafka_bootstrap: str, topic: str, keyspace: str
+) -> Iterator[tuple[EmbeddedCassandra, ServiceSettings]]:
+    """A Cassandra of the test's own (to stop or kill), and service settings pointing at it."""
     cassandra = EmbeddedCassandra(
         port=free_port(), data_dir=tmp_path / "data", fresh=True, log_dir=tmp_path
     )
     cassandra.start()
     try:
         endpoint = CassandraEndpoint(cassandra.contact_points, cassandra.port, PROTOCOL_VERSION)
-        settings = _settings(
-            kafka_bootstrap, endpoint, topic, keyspace, cassandra_request_timeout_seconds=1.0
+        yield (
+            cassandra,
+            _settings(
+                kafka_bootstrap, endpoint, topic, keyspace, cassandra_request_timeout_seconds=1.0
+            ),
         )
-        with TestClient(create_app(settings)) as client:
-            for i in range(50):
-                publisher.send("DOWN", f"sku-{i}", i)
-            publisher.flush()
-            wait_until(lambda: _count(client, "DOWN", "sku-49") == 49, timeout=60)
-
-            cassandra.stop()
-            started = time.monotonic()
-            response = client.get("/inventory/locations/DOWN/skus/sku-1")
-            assert response.status_code == 503
-            assert response.json()["error"] == "cassandra_unavailable"
-            assert time.monotonic() - started < 5
-            for i in range(50, 120):  # written while Cassandra is away
-                publisher.send("DOWN", f"sku-{i}", i)
-            publisher.flush()
-            wait_until(lambda: _metric(client, "service_write_failures_total") >= 1, timeout=30)
-
-            cassandra.start()
-            wait_until(
-                lambda: all(_count(client, "DOWN", f"sku-{i}") == i for i in range(120)),
-                timeout=90,
-            )
     finally:
         cassandra.stop()
+
+
+def test_cassandra_down_and_back_mid_stream(
+    kafka_bootstrap: str, topic: str, keyspace: str, publisher: Publisher, tmp_path: Path
+) -> None:
+    with (
+        _own_cassandra(tmp_path, kafka_bootstrap, topic, keyspace) as (cassandra, settings),
+        TestClient(create_app(settings)) as client,
+    ):
+        for i in range(50):
+            publisher.send("DOWN", f"sku-{i}", i)
+        publisher.flush()
+        wait_until(lambda: _count(client, "DOWN", "sku-49") == 49, timeout=60)
+
+        cassandra.stop()
+        started = time.monotonic()
+        response = client.get("/inventory/locations/DOWN/skus/sku-1")
+        assert response.status_code == 503
+        assert response.json()["error"] == "cassandra_unavailable"
+        assert time.monotonic() - started < 5
+        for i in range(50, 120):  # written while Cassandra is away
+            publisher.send("DOWN", f"sku-{i}", i)
+        publisher.flush()
+        wait_until(lambda: _metric(client, "service_write_failures_total") >= 1, timeout=30)
+
+        cassandra.start()
+        wait_until(
+            lambda: all(_count(client, "DOWN", f"sku-{i}") == i for i in range(120)),
+            timeout=90,
+        )
 
 
 def test_service_starts_while_cassandra_is_down_and_answers_503(
@@ -386,37 +399,29 @@ def test_cassandra_killed_for_15_s_then_restarted(
     for good: its retry loop stopped polling, the group evicted it, and the commit after
     Cassandra came back failed with UNKNOWN_MEMBER_ID, while readiness stayed 200.
     """
-    cassandra = EmbeddedCassandra(
-        port=free_port(), data_dir=tmp_path / "data", fresh=True, log_dir=tmp_path
-    )
-    cassandra.start()
-    try:
-        endpoint = CassandraEndpoint(cassandra.contact_points, cassandra.port, PROTOCOL_VERSION)
-        settings = _settings(
-            kafka_bootstrap, endpoint, topic, keyspace, cassandra_request_timeout_seconds=1.0
-        )
-        with TestClient(create_app(settings)) as client:
-            _send(publisher, "KILLED", range(40))
-            wait_until(lambda: _all_there(client, "KILLED", range(40)), timeout=40)
-            wait_until(lambda: _ready(client))
+    with (
+        _own_cassandra(tmp_path, kafka_bootstrap, topic, keyspace) as (cassandra, settings),
+        TestClient(create_app(settings)) as client,
+    ):
+        _send(publisher, "KILLED", range(40))
+        wait_until(lambda: _all_there(client, "KILLED", range(40)), timeout=40)
+        wait_until(lambda: _ready(client))
 
-            assert cassandra.process is not None
-            cassandra.process.kill()  # SIGKILL to the JVM's process group
-            _send(publisher, "KILLED", range(40, 80))
-            during = _sample_readiness(client, 15)  # > SERVICE_MAX_POLL_INTERVAL_MS
-            cassandra.start()
-            _send(publisher, "KILLED", range(80, 120))
+        assert cassandra.process is not None
+        cassandra.process.kill()  # SIGKILL to the JVM's process group
+        _send(publisher, "KILLED", range(40, 80))
+        during = _sample_readiness(client, 15)  # > SERVICE_MAX_POLL_INTERVAL_MS
+        cassandra.start()
+        _send(publisher, "KILLED", range(80, 120))
 
-            wait_until(lambda: _all_there(client, "KILLED", range(120)), timeout=60)
-            wait_until(lambda: _ready(client), timeout=20)
-            # The driver notices the closed connections at once; allow it a second.
-            assert [ready for at, ready in during if at > 1] == [False] * len(
-                [at for at, _ in during if at > 1]
-            ), during
-            _send(publisher, "KILLED", [120])  # and it keeps going
-            wait_until(lambda: _count(client, "KILLED", "sku-120") == 120)
-    finally:
-        cassandra.stop()
+        wait_until(lambda: _all_there(client, "KILLED", range(120)), timeout=60)
+        wait_until(lambda: _ready(client), timeout=20)
+        # The driver notices the closed connections at once; allow it a second.
+        assert [ready for at, ready in during if at > 1] == [False] * len(
+            [at for at, _ in during if at > 1]
+        ), during
+        _send(publisher, "KILLED", [120])  # and it keeps going
+        wait_until(lambda: _count(client, "KILLED", "sku-120") == 120)
 
 
 def test_broker_frozen_then_resumed(
