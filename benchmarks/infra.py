@@ -20,6 +20,9 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import RoundRobinPolicy
+
 from local_stack.broker import EmbeddedBroker, external_kafka
 from local_stack.cassandra import (
     PROTOCOL_VERSION,
@@ -55,6 +58,22 @@ def cassandra(stack: ExitStack, commitlog_sync: CommitlogSync = "batch") -> Cass
         )
     )
     return CassandraEndpoint(server.contact_points, server.port, PROTOCOL_VERSION)
+
+
+def cassandra_session(stack: ExitStack, endpoint: CassandraEndpoint) -> Session:
+    """A driver session on ``endpoint`` (round-robin, one host at a time is plenty here);
+    it shuts down when ``stack`` closes."""
+    profile = ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+    version = endpoint.protocol_version
+    extra = {"protocol_version": version} if version else {}
+    cluster = Cluster(
+        endpoint.contact_points,
+        port=endpoint.port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        **extra,
+    )
+    stack.callback(cluster.shutdown)
+    return cluster.connect()
 
 
 def sellable_service(

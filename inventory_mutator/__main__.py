@@ -9,45 +9,24 @@ destroys the producer, and the process exits 0.
 
 from __future__ import annotations
 
-import logging
 import sys
-
-from pydantic import ValidationError
 
 from inventory_mutator.app import create_app
 from inventory_mutator.settings import MutatorSettings
-from shared_schemas.http import configure_logging, serve
-from shared_schemas.settings import unknown_settings
-
-log = logging.getLogger("inventory_mutator")
+from shared_schemas.server import load_settings, run_service
 
 
 def main() -> int:
-    """Serve until a signal stops the server."""
-    try:
-        settings = MutatorSettings()
-    except ValidationError as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
+    """Serve until a signal stops the server; the exit status (2: invalid settings)."""
+    settings = load_settings(MutatorSettings)
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
-    for warning in unknown_settings(MutatorSettings):
-        log.warning("%s", warning)
-    log.info(
-        "inventory_mutator listening on http://%s:%d (Kafka %s, %d partitions)",
-        settings.mutator_host,
-        settings.mutator_port,
-        settings.kafka_bootstrap_servers,
-        settings.topic_partitions,
-    )
-    serve(
-        create_app(settings),
-        settings.mutator_host,
-        settings.mutator_port,
-        settings.log_level,
+    return run_service(
         settings,
+        create_app,
+        lambda s: (s.mutator_host, s.mutator_port),
+        lambda s: f"Kafka {s.kafka_bootstrap_servers}, {s.topic_partitions} partitions",
     )
-    log.info("inventory_mutator stopped")
-    return 0
 
 
 if __name__ == "__main__":

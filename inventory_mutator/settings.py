@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 from shared_schemas.settings import HttpServerSettings, KafkaSettings
 
 
 class MutatorSettings(KafkaSettings, HttpServerSettings):
     """The command side: where it listens and how long it waits for the broker."""
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     mutator_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
     mutator_port: int = Field(9091, ge=1, le=65535, description="Port of the REST API.")
@@ -38,4 +35,3 @@ class MutatorSettings(KafkaSettings, HttpServerSettings):
         description="On SIGTERM/SIGINT, longest wait for Kafka to acknowledge the records "
         "in flight; then their requests get a 503 and the process exits.",
     )
-    log_level: str = Field("INFO", description="Logging level.")

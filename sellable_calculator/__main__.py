@@ -44,7 +44,8 @@ from sellable_calculator.routing import (
 )
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import configure_logging, server_config, tune_gc_for_serving
+from shared_schemas.http import configure_logging
+from shared_schemas.server import server_config, start_in_thread, tune_gc_for_serving
 from shared_schemas.settings import unknown_settings
 from shared_schemas.topics import (
     TopicAdminError,
@@ -168,17 +169,7 @@ def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Th
         settings.log_level,
         settings,
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise OSError(
-                f"REST API could not listen on {settings.calculator_host}:"
-                f"{settings.calculator_port} (port taken?)"
-            )
-        time.sleep(0.02)
-    return server, thread
+    return start_in_thread(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from shared_schemas.settings import HttpServerSettings, KafkaSettings
 
@@ -21,8 +20,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 class CalculatorSettings(KafkaSettings, HttpServerSettings):
     """One calculator instance: who it is, what it owns, where it keeps state."""
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     calculator_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
     calculator_port: int = Field(9094, ge=1, le=65535, description="Port of the REST API.")
@@ -72,7 +69,6 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     calculator_batch_size: int = Field(
         5000, ge=1, description="Most records one source partition hands the dataflow at once."
     )
-    log_level: str = Field("INFO", description="Logging level.")
 
     @model_validator(mode="after")
     def _index_in_range(self) -> CalculatorSettings:

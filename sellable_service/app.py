@@ -15,19 +15,22 @@ consumes ``sellable_inventory`` into it; both stop with the app. ``/health/ready
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 
 from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
-from sellable_service.writer import SellableWriter
+from sellable_service.writer import SellableWriter, WriterHealth
 from shared_schemas.http import (
     LocationPath,
     SkuPath,
@@ -70,18 +73,51 @@ def _unavailable(exc: CassandraUnavailable) -> Response:
     return error_response(503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}")
 
 
-def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> FastAPI:
-    """The service's FastAPI application; Cassandra and the writer live with its lifespan."""
+@dataclass(frozen=True)
+class WriterElsewhere:
+    """How an API-only app learns about a writer in another process."""
+
+    facts: Callable[[], dict[str, Any]]
+    """The writer's readiness facts (:func:`readiness_facts`' shape)."""
+    registry: CollectorRegistry
+    """The registry ``/metrics`` shows."""
+
+
+def readiness_facts(cassandra: bool, health: WriterHealth) -> dict[str, Any]:
+    """``/health/ready``'s facts: ready means the read model is moving, Cassandra up *and*
+    the writer consuming and writing. A writer retrying, unassigned, stalled or dead is
+    not ready even if GETs still answer, because those answers are going stale."""
+    return {
+        "ready": cassandra and health.ready,
+        "cassandra": cassandra,
+        "consumerAssigned": health.assigned,
+        "writer": health.state,
+    }
+
+
+def create_app(
+    settings: ServiceSettings,
+    metrics: ServiceMetrics | None = None,
+    writer_elsewhere: WriterElsewhere | None = None,
+) -> FastAPI:
+    """The service's FastAPI application; Cassandra and the writer live with its lifespan.
+
+    With ``writer_elsewhere`` (an API worker of :mod:`sellable_service.workers`) the
+    writer runs in another process: readiness asks for its facts, and ``/metrics``
+    shows the registry given (every process's figures added up).
+    """
     metrics = metrics or ServiceMetrics()
     table = SellableTable(settings)
-    writer = SellableWriter(settings, table, metrics)
+    writer = None if writer_elsewhere else SellableWriter(settings, table, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         table.start()
-        writer.start()
+        if writer is not None:
+            writer.start()
         yield
-        writer.stop()
+        if writer is not None:
+            writer.stop()
         table.close()
 
     app = FastAPI(
@@ -94,16 +130,15 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
     install_error_handlers(app)
 
     async def ready() -> dict[str, Any]:
-        # Ready means the read model is moving: Cassandra up *and* the writer consuming
-        # and writing. A writer retrying, unassigned, stalled or dead is not ready even
-        # if GETs still answer, because those answers are going stale.
+        if writer is not None:
+            return readiness_facts(table.available, writer.health())
+        assert writer_elsewhere is not None
         cassandra = table.available
-        health = writer.health()
-        return {
-            "ready": cassandra and health.ready,
-            "cassandra": cassandra,
-            "consumerAssigned": health.assigned,
-            "writer": health.state,
+        facts = writer_elsewhere.facts()
+        return facts | {
+            "ready": cassandra and facts["ready"],
+            "cassandra": cassandra and facts.get("cassandra", False),
+            "apiProcess": os.getpid(),
         }
 
     get_seconds = metrics.get_seconds
@@ -181,5 +216,6 @@ def create_app(settings: ServiceSettings, metrics: ServiceMetrics | None = None)
         )
 
     # Last: routes are tried in order, and the inventory GET is the hot one.
-    app.include_router(operations_router(ready, metrics.registry))
+    registry = writer_elsewhere.registry if writer_elsewhere else metrics.registry
+    app.include_router(operations_router(ready, registry))
     return app

@@ -36,7 +36,11 @@ class ServiceMetrics:
             "service_write_seconds", "Time to write one consumed batch", registry=r
         )
         self.lag = Gauge(
-            "service_lag_records", "Records behind the end of the topic", ["partition"], registry=r
+            "service_lag_records",
+            "Records behind the end of the topic",
+            ["partition"],
+            registry=r,
+            multiprocess_mode="mostrecent",  # only the writer process sets it
         )
         self.get_seconds = Histogram(
             "service_get_seconds",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 from shared_schemas.settings import HttpServerSettings, KafkaSettings
 from shared_schemas.topics import SELLABLE_INVENTORY
@@ -14,10 +13,16 @@ from shared_schemas.topics import SELLABLE_INVENTORY
 class ServiceSettings(KafkaSettings, HttpServerSettings):
     """The read model: where Cassandra is and how the topic is consumed into it."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
-
     service_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
     service_port: int = Field(9093, ge=1, le=65535, description="Port of the REST API.")
+    service_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes serving the REST API. 1: one process serves and writes; "
+        "more: that many API processes share the port and one more process writes "
+        "(sellable_service/workers.py).",
+    )
     cassandra_contact_points: str = Field(
         "127.0.0.1", description="Cassandra hosts, comma-separated."
     )
@@ -64,7 +69,6 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
         description="Cassandra batches in flight at once. High because a durable write "
         "waits for its commit-log sync: writes in flight together share one sync.",
     )
-    log_level: str = Field("INFO", description="Logging level.")
 
     @property
     def contact_points(self) -> list[str]:

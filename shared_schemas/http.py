@@ -1,6 +1,5 @@
 """HTTP conventions shared by the three FastAPI services: one JSON error shape, health
-and metrics routes, logging set-up, and the uvicorn server they run on (with limits on
-slow and idle connections).
+and metrics routes, and logging set-up (the server they run on: :mod:`shared_schemas.server`).
 
 Every error any service returns looks like::
 
@@ -13,16 +12,10 @@ Every error any service returns looks like::
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import gc
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Annotated, Any, Literal
 
-import uvicorn
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
-from shared_schemas.settings import HttpServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -231,180 +223,6 @@ def _document_errors(document: dict[str, Any]) -> dict[str, Any]:
 
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
-
-
-GC_GEN0_THRESHOLD = 20_000
-"""Allocations between young-generation collections while serving (CPython's default: 700)."""
-
-
-def tune_gc_for_serving() -> None:
-    """Make the garbage collector cheap for a request-serving process; call once started.
-
-    A request allocates a few hundred container objects that die with it, so with
-    CPython's defaults the collector runs every couple of requests, and every tenth
-    run walks the older generations: the whole FastAPI/pydantic object graph built at
-    start-up. Measured in the mutator at c32: about 7 % of its time. So: collect once,
-    freeze what exists now (start-up objects are never collected again, and no longer
-    walked), and collect the young generation every 20,000 allocations instead of 700.
-    Reference cycles are still collected; memory stays flat under load.
-    """
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
-
-
-_HEAD = object()
-"""Phase marker: the bytes of a request head are arriving (no request parsed yet)."""
-
-
-class _ReadDeadlines:
-    """Closes connections whose client is too slow to send a request; mix into uvicorn's
-    HTTP protocol classes (h11 and httptools alike: it only uses what both share).
-
-    uvicorn bounds only the idle time after a response (``timeout_keep_alive``, and every
-    byte received restarts it), so by itself it keeps a connection open forever that
-    never sends a request, sends its head a byte at a time, or declares a body it never
-    finishes. ASGI middleware cannot help: it runs once the head is complete. So:
-
-    * a new connection gets uvicorn's keep-alive timer straight away, as if a response
-      had just been sent (uvicorn stops it on the first byte, as usual);
-    * the first byte of a request head starts ``header_timeout``; more bytes do not
-      restart it; the head being complete stops it;
-    * a request whose body is still arriving once its head is complete gets
-      ``body_timeout``; the body being complete stops it.
-
-    Expiry closes the connection (an application still reading that body sees the
-    client disconnect). A request the application is working on has no deadline here.
-    On the hot path (a request whose head and body arrive together) it arms nothing:
-    about 0.4 µs per read on the development machine, against some 200 µs per request.
-    """
-
-    header_timeout: float
-    body_timeout: float
-    _deadline: asyncio.TimerHandle | None = None
-    _phase: object | None = None
-    """What the armed deadline covers: ``_HEAD``, the request cycle whose body is arriving,
-    or None when nothing is armed."""
-
-    # Attributes of uvicorn's protocol classes this relies on.
-    cycle: Any
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport
-    timeout_keep_alive: float
-    timeout_keep_alive_task: asyncio.TimerHandle | None
-    timeout_keep_alive_handler: Callable[[], None]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[misc]
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
-        )
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)  # type: ignore[misc]
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:  # its head is complete
-            if cycle.more_body:
-                if self._phase is not cycle:
-                    self._arm(self.body_timeout, cycle)
-            elif self._phase is not None:
-                self._disarm()
-        elif self._phase is not _HEAD:
-            self._arm(self.header_timeout, _HEAD)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)  # type: ignore[misc]
-
-    def _arm(self, timeout: float, phase: object) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._phase = phase
-        self._deadline = self.loop.call_later(timeout, self._expire, phase)
-
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._phase = None
-
-    def _expire(self, phase: object) -> None:
-        self._deadline = self._phase = None
-        if not self.transport.is_closing():
-            what = "request head" if phase is _HEAD else "request body"
-            limit = self.header_timeout if phase is _HEAD else self.body_timeout
-            log.debug("closing a connection: %s not complete within %g s", what, limit)
-            self.transport.close()
-
-
-def with_read_deadlines(
-    protocol_class: type[asyncio.Protocol], header_timeout: float, body_timeout: float
-) -> type[asyncio.Protocol]:
-    """``protocol_class`` (one of uvicorn's HTTP protocols) with :class:`_ReadDeadlines`."""
-    return type(
-        f"ReadDeadlines{protocol_class.__name__}",
-        (_ReadDeadlines, protocol_class),
-        {"header_timeout": header_timeout, "body_timeout": body_timeout},
-    )
-
-
-def server_config(
-    app: FastAPI, host: str, port: int, log_level: str, limits: HttpServerSettings
-) -> uvicorn.Config:
-    """The uvicorn configuration every service runs with: one worker, the process's own
-    logging, no access log, and the connection limits of ``limits``."""
-    # The protocol uvicorn would pick itself ("auto": httptools if installed, else h11).
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level.lower(),
-        log_config=None,  # keep the process-wide format from configure_logging
-        access_log=False,
-        timeout_keep_alive=limits.http_keep_alive_timeout_seconds,  # type: ignore[arg-type]
-        http=with_read_deadlines(
-            AutoHTTPProtocol, limits.http_header_timeout_seconds, limits.http_body_timeout_seconds
-        ),
-    )
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising the signal after a graceful shutdown.
-
-    uvicorn ends the process "killed by SIGTERM" once it has shut down cleanly; a
-    service that flushed and closed everything should exit 0 and say so in its log.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in _STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def serve(app: FastAPI, host: str, port: int, log_level: str, limits: HttpServerSettings) -> None:
-    """Run ``app`` with one uvicorn worker until SIGTERM/SIGINT, in the calling thread.
-
-    The lifespan's shutdown half (flush producers, close sessions) runs before this
-    returns; logs go through the process's logging set-up. The garbage collector is
-    tuned for serving first (:func:`tune_gc_for_serving`). Connections are bounded as
-    ``limits`` says (:func:`server_config`).
-    """
-    config = server_config(app, host, port, log_level, limits)
-    tune_gc_for_serving()
-    _Server(config).run()
 
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, Any]]]

@@ -19,10 +19,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared_schemas.topics import DEFAULT_PARTITIONS
 
 
-class KafkaSettings(BaseSettings):
-    """Where Kafka and the schema registry are, and how the topics are laid out."""
+class ServiceSettingsBase(BaseSettings):
+    """What every settings class shares: read from the environment, names unprefixed,
+    unknown variables ignored (see :func:`unknown_settings`), and the logging level."""
 
     model_config = SettingsConfigDict(env_prefix="", extra="ignore")
+
+    log_level: str = Field("INFO", description="Logging level.")
+
+
+class KafkaSettings(ServiceSettingsBase):
+    """Where Kafka and the schema registry are, and how the topics are laid out."""
 
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:9092", description="Kafka bootstrap servers (host:port, comma-separated)."
@@ -38,15 +45,13 @@ class KafkaSettings(BaseSettings):
     topic_replication_factor: int = Field(1, ge=1, description="Replication factor of new topics.")
 
 
-class HttpServerSettings(BaseSettings):
+class HttpServerSettings(ServiceSettingsBase):
     """How long a server lets a client keep a connection without a complete request.
 
     uvicorn itself only closes a connection that stays idle after a response; these
     also bound a connection that never sends a request, one that trickles its request
     head, and one that declares a body it never finishes sending.
     """
-
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     http_keep_alive_timeout_seconds: float = Field(
         5.0,
@@ -66,10 +71,16 @@ class HttpServerSettings(BaseSettings):
         description="A request body must be complete within this long of the end of its "
         "head, or the connection is closed.",
     )
+    http_max_head_bytes: int = Field(
+        1_048_576,
+        ge=16_384,
+        description="A request line and headers larger than this are answered 431 and the "
+        "connection closed (room for a 64 KiB id percent-encoded, which then gets its 422).",
+    )
 
 
 def unknown_settings(
-    settings_class: type[KafkaSettings], environ: Mapping[str, str] | None = None
+    settings_class: type[ServiceSettingsBase], environ: Mapping[str, str] | None = None
 ) -> list[str]:
     """Warnings for variables that carry a service's own prefix but name no setting of it.
 
@@ -79,7 +90,7 @@ def unknown_settings(
     """
     environ = os.environ if environ is None else environ
     shared = set(KafkaSettings.model_fields) | set(HttpServerSettings.model_fields)
-    own = set(settings_class.model_fields) - shared - {"log_level"}
+    own = set(settings_class.model_fields) - shared
     known = {name.upper() for name in settings_class.model_fields}
     prefixes = tuple(sorted({name.split("_", 1)[0].upper() + "_" for name in own}))
     warnings = []

@@ -11,6 +11,8 @@ application waited for the body.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import socket
@@ -32,6 +34,7 @@ LIMITS = {
     "HTTP_KEEP_ALIVE_TIMEOUT_SECONDS": "0.5",
     "HTTP_HEADER_TIMEOUT_SECONDS": "1",
     "HTTP_BODY_TIMEOUT_SECONDS": "1",
+    "HTTP_MAX_HEAD_BYTES": "32768",
 }
 CLOSED_WITHIN = 3.0
 """Generous for limits of 1 s on a busy machine, and well below uvicorn's own 5 s."""
@@ -184,3 +187,36 @@ def test_a_request_being_answered_has_no_deadline(servers: dict[str, tuple[int, 
         assert response.status_code == 504
         # The same connection, idle for less than the keep-alive timeout, still serves.
         assert client.get(f"http://127.0.0.1:{port}/health/live").status_code == 200
+
+
+def _answer_then_closed(port: int, request: bytes) -> tuple[int, dict[str, str]]:
+    """Send ``request``; the status and JSON body of the answer, once the server closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with contextlib.suppress(ConnectionError):  # it may close while we still send
+            sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), answer[:300]
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("server", ["mutator", "calculator", "service"])
+def test_oversized_and_malformed_requests_get_the_json_error_and_a_close(
+    servers: dict[str, tuple[int, str]], server: str
+) -> None:
+    port, path = servers[server]
+    oversized = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 40_000}\r\n\r\n"
+    status, body = _answer_then_closed(port, oversized.encode())
+    assert status == 431 and body["error"] == "head_too_large", body
+    assert "32768" in body["message"]
+    status, body = _answer_then_closed(port, b"GET / HTTP/1.1\r\nHost x\r\n\r\n")
+    assert status == 400 and body["error"] == "malformed_request", body
+    # Under the limit, a long path is the application's to judge: the id rule's 422.
+    long_id = "%C3%A9" * 3_000
+    with httpx.Client(timeout=10) as client:
+        response = client.get(f"http://127.0.0.1:{port}/inventory/locations/{long_id}/skus/S")
+    expected = 404 if server == "mutator" else 422  # the mutator has no such GET
+    assert response.status_code == expected, response.text[:200]
+    assert "error" in response.json()
