@@ -47,7 +47,7 @@ from shared_schemas.http import install_error_handlers, operations_router
 __all__ = ["Adjustment", "Reservation", "create_app"]
 
 
-def _on_stop_signals(callback: Callable[[], None]) -> Callable[[], None]:
+def _on_stop_signals(callback: Callable[[], object]) -> Callable[[], None]:
     """Also call ``callback`` on SIGTERM/SIGINT, before the handler installed now; return the undo.
 
     Why: uvicorn's graceful shutdown waits for every request in flight before it runs the

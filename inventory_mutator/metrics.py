@@ -20,6 +20,7 @@ class EndpointMetrics:
     __slots__ = ("_counted", "_path", "_requests", "observe")
 
     def __init__(self, requests: Counter, latency: Histogram, path: str) -> None:
+        """Bind ``path``'s children of ``requests`` and ``latency``."""
         self._requests = requests
         self._path = path
         self.observe: Callable[[float], None] = latency.labels(path).observe
