@@ -16,6 +16,7 @@ import httpx
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from inventory_mutator.app import Adjustment, Reservation, create_app
@@ -92,11 +93,17 @@ def test_record_lands_on_the_key_partition_with_the_avro_content(
     assert before <= value["event_time"] <= int(time.time() * 1000)
 
 
-def test_location_is_accepted_as_an_alias(client: TestClient) -> None:
+def test_location_is_accepted_as_an_alias(client: TestClient, kafka_bootstrap: str) -> None:
     response = client.post(
         "/inventory/adjustment", json={"location": "KC", "sku": "42", "count": 1}
     )
-    assert response.status_code == 200
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["topic"] == INVENTORY_ADJUSTMENTS.name
+    key, value = _read(kafka_bootstrap, body["topic"], body["partition"], body["offset"])
+    assert key == encode_key("KC", "42")  # the alias's value is the record's location
+    assert value["count"] == 1
+    assert value["mutation_id"] == body["mutationId"]
 
 
 @pytest.mark.parametrize("sku", ODD_VALID_IDS)
@@ -296,11 +303,24 @@ def test_overlong_idempotency_key_is_422_and_writes_nothing(
 
 
 def test_openapi_documents_the_body_and_the_idempotency_header(client: TestClient) -> None:
-    operation = client.get("/openapi.json").json()["paths"]["/inventory/adjustment"]["post"]
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/inventory/adjustment"]["post"]
     assert [p["name"] for p in operation["parameters"]] == ["Idempotency-Key"]
     body = operation["requestBody"]["content"]["application/json"]
     assert body["example"] == {"locationId": "STL", "sku": "123123", "count": "100"}
-    assert "MutationAccepted" in str(operation["responses"]["200"])
+    answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/MutationAccepted"}
+    accepted = document["components"]["schemas"]["MutationAccepted"]
+    fields = {name: rule["type"] for name, rule in accepted["properties"].items()}
+    assert fields == {
+        "message": "string",
+        "topic": "string",
+        "partition": "integer",
+        "offset": "integer",
+        "position": "string",
+        "mutationId": "string",
+    }
+    assert set(accepted["required"]) == set(fields)
 
 
 def _count_accepted(schema: dict, value: object) -> bool:
@@ -402,11 +422,21 @@ def test_broker_down_is_503_within_the_timeout() -> None:
         assert 'mutator_produce_errors_total{topic="inventory_adjustments"} 1.0' in metrics
 
 
+def _samples(client: TestClient) -> dict[tuple[str, frozenset], float]:
+    """The app's metrics now: sample value by (name, labels)."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+
+
 def test_metrics_count_requests_by_endpoint_and_status(client: TestClient) -> None:
+    endpoint = ("endpoint", "/inventory/reservation")
+    refused = ("mutator_requests_total", frozenset({endpoint, ("status", "422")}))
+    timed = ("mutator_request_seconds_count", frozenset({endpoint}))
+    before = _samples(client)
     client.post("/inventory/reservation", json={"locationId": "STL", "sku": "1", "count": 0})
-    metrics = client.get("/metrics").text
-    assert 'mutator_requests_total{endpoint="/inventory/reservation",status="422"}' in metrics
-    assert "mutator_request_seconds_bucket" in metrics
+    after = _samples(client)
+    assert after[refused] == before.get(refused, 0.0) + 1
+    assert after[timed] == before[timed] + 1
     assert client.get("/health/ready").json()["ready"] is True
 
 
