@@ -7,7 +7,7 @@ from pathlib import Path
 
 from comparison.__main__ import main
 from comparison.workload import PATHS
-from integration_tests.conftest import System
+from integration_tests.support import System
 
 PROBES = 5
 KEYS = 20

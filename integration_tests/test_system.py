@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from integration_tests.conftest import PARTITIONS, System
+from integration_tests.support import PARTITIONS, System
 from local_stack.system import calculator_process
 from local_stack.testing import wait_until
 from shared_schemas import encode_key, partition_for

@@ -15,17 +15,16 @@ import httpx
 import pytest
 
 from local_stack.process import ManagedProcess, free_port
-from local_stack.testing import inventory_path, odd_ids
+from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_calculator.__main__ import _warn_if_state_is_from_other_topics
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from sellable_calculator.tests.conftest import (
+from sellable_calculator.tests.support import (
     PARTITIONS,
     Calculator,
     Mutations,
     sku_owned_by,
     unique_location,
-    wait_until,
 )
 from shared_schemas import encode_key, partition_for
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
