@@ -24,7 +24,13 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     # per generated case would make the gate slow and its response-time check flaky.
     settings = {"CALCULATOR_MAX_WAIT_SECONDS": "5"}
     with started_system(home, partitions=PARTITIONS, settings=settings) as running:
-        system = System(running.mutator, running.service, running.calculators, running.process)
+        system = System(
+            running.mutator,
+            running.service,
+            running.calculators,
+            running.process,
+            running.services,
+        )
         try:
             yield system
         finally:

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 
 from local_stack.process import ManagedProcess
+from local_stack.system import ServiceProcess
 
 PARTITIONS = 6
 
@@ -21,6 +22,9 @@ class System:
     service: str
     calculators: list[str]
     process: ManagedProcess
+    """``python -m local_stack up``, which runs all of them."""
+    services: dict[str, ServiceProcess]
+    """The service processes as started, by name (``calculator-1``…)."""
     replacements: list[ManagedProcess] = field(default_factory=list)
     """Processes tests restarted in place of ones they killed; stopped at the end."""
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=15))

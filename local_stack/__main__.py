@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -35,7 +36,7 @@ from local_stack.cassandra import (
     external_cassandra,
     java_binary,
 )
-from local_stack.paths import logs_dir, run_dir, state_dir
+from local_stack.paths import logs_dir, run_dir, services_file, state_dir
 from local_stack.process import (
     ManagedProcess,
     PrerequisiteError,
@@ -60,6 +61,8 @@ class Stack(contextlib.ExitStack):
         super().__init__()
         self.env: dict[str, str] = {}
         """Settings every service gets: where Kafka and Cassandra are."""
+        self.services: dict[str, dict[str, object]] = {}
+        """Each service process started, as :func:`local_stack.paths.services_file` lists it."""
 
     def on_stop(self, name: str, stop: Callable[[], object]) -> None:
         """Call ``stop`` at the end, logged; if it fails, the rest are still stopped."""
@@ -161,8 +164,26 @@ def _start_service(
         follower.stopped.set()
 
     stack.on_stop(name, stop)
+    stack.services[name] = {
+        "pid": process.pid,
+        "argv": process.command,
+        # What it gets on top of this process's environment (not the whole environment:
+        # the file is on disk).
+        "env": {**stack.env, **env},
+        "cwd": os.getcwd(),
+    }
     url = f"http://127.0.0.1:{port}/health/live"
     process.wait_ready(lambda: httpx.get(url, timeout=1).status_code == 200, timeout=90)
+
+
+def _publish_services(stack: Stack) -> None:
+    """Write :func:`services_file` (whole or not at all), and remove it first on stop."""
+    path = services_file()
+    partial = path.with_name(path.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(stack.services, indent=1))
+    partial.replace(path)
+    stack.callback(path.unlink, missing_ok=True)
 
 
 def _tour(mutator_port: int, service_port: int, calculator_ports: list[int]) -> str:
@@ -284,6 +305,7 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
         args.mutator_port,
         width,
     )
+    _publish_services(stack)
     print(_tour(args.mutator_port, args.service_port, calculator_ports), flush=True)
     _wait_for_signal()
 
