@@ -1,4 +1,5 @@
-"""Helpers for the calculator tests: instances as processes, a mutation writer, keys.
+"""Helpers for the calculator tests: instances as processes, a mutation writer, keys;
+and :class:`PartitionSums` driven batch by batch with its updates stored as the sink does.
 
 Imported by the test modules and by ``conftest.py`` (which holds only the fixtures).
 """
@@ -16,6 +17,16 @@ import httpx
 from confluent_kafka import Producer
 
 from local_stack.process import ManagedProcess
+from sellable_calculator.dataflow import (
+    ADJUSTMENT,
+    INPUT_TOPICS,
+    RESERVATION,
+    MutationBatch,
+    PartitionState,
+    PartitionSums,
+    PartitionUpdate,
+)
+from sellable_calculator.store import SellableStore
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.positions import Position
 from shared_schemas.schemas import INVENTORY_MUTATION
@@ -155,3 +166,31 @@ def sku_owned_by(index: int, location: str, start: int = 0) -> str:
         if partition_for(encode_key(location, str(n)), PARTITIONS) % 2 == index:
             return str(n)
     raise AssertionError("no sku found")
+
+
+def apply_batch(
+    logic: PartitionSums, store: SellableStore, *batches: MutationBatch
+) -> list[PartitionUpdate]:
+    """One ``on_batch`` call, its updates applied to ``store`` as the sink applies them."""
+    updates, retain = logic.on_batch(list(batches))
+    assert retain is False  # RETAIN: the per-partition state lives on
+    updates = list(updates)
+    for update in updates:
+        store.apply(
+            update.changes,
+            {(INPUT_TOPICS[k], update.partition): o for k, o in update.next_offsets.items()},
+        )
+    return updates
+
+
+def start_inputs(
+    logic: PartitionSums,
+    store: SellableStore,
+    partition: int,
+    resume: PartitionState | None = None,
+) -> None:
+    """The empty batch each input partition sends first (at ``resume``'s offsets)."""
+    adjusted = resume.applied.get(ADJUSTMENT, 0) if resume else 0
+    reserved = resume.applied.get(RESERVATION, 0) if resume else 0
+    apply_batch(logic, store, MutationBatch(ADJUSTMENT, partition, [], adjusted))
+    apply_batch(logic, store, MutationBatch(RESERVATION, partition, [], reserved))
