@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -13,21 +14,34 @@ from inventory_mutator.tests.support import run
 
 
 class Action:
-    """An action that counts its runs and answers ``answer-<run>``; ``gate`` holds it."""
+    """An action that counts its runs and answers ``answer-<run>`` once ``gate`` is open."""
 
     def __init__(self, fails: bool = False) -> None:
         self.runs = 0
         self.fails = fails
-        self.gate: asyncio.Event | None = None
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     async def __call__(self) -> str:
         self.runs += 1
         number = self.runs
-        if self.gate is not None:
-            await self.gate.wait()
+        await self.gate.wait()
         if self.fails:
             raise RuntimeError(f"refused-{number}")
         return f"answer-{number}"
+
+
+def _cache(max_keys: int = 10) -> IdempotencyCache[str]:
+    return IdempotencyCache(window=600, max_keys=max_keys)
+
+
+async def _in_flight(cache: IdempotencyCache[str], action: Action, count: int) -> list[Any]:
+    """``count`` requests with one key and fingerprint, the action held at its gate."""
+    action.gate.clear()
+    requests = [asyncio.ensure_future(cache.run("k", "f", action)) for _ in range(count)]
+    await asyncio.sleep(0.01)
+    assert not any(r.done() for r in requests)
+    return requests
 
 
 @pytest.fixture
@@ -40,7 +54,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 def test_a_retry_gets_the_first_answer_and_the_action_runs_once() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action()
         assert await cache.run("adjustment:k", "STL/1/+5", action) == "answer-1"
         assert await cache.run("adjustment:k", "STL/1/+5", action) == "answer-1"
@@ -53,7 +67,7 @@ def test_a_retry_gets_the_first_answer_and_the_action_runs_once() -> None:
 
 def test_the_same_key_for_another_request_is_a_conflict_and_writes_nothing() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action()
         await cache.run("adjustment:k", "STL/1/+5", action)
         with pytest.raises(IdempotencyConflict, match="already used for a different request"):
@@ -67,15 +81,11 @@ def test_the_same_key_for_another_request_is_a_conflict_and_writes_nothing() -> 
 
 def test_a_retry_while_the_first_is_in_flight_waits_for_its_answer() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action()
-        action.gate = asyncio.Event()
-        first = asyncio.ensure_future(cache.run("k", "f", action))
-        retries = [asyncio.ensure_future(cache.run("k", "f", action)) for _ in range(3)]
-        await asyncio.sleep(0.01)
-        assert not any(r.done() for r in [first, *retries])
+        requests = await _in_flight(cache, action, 4)
         action.gate.set()
-        assert await asyncio.gather(first, *retries) == ["answer-1"] * 4
+        assert await asyncio.gather(*requests) == ["answer-1"] * 4
         assert action.runs == 1
 
     run(scenario)
@@ -83,14 +93,11 @@ def test_a_retry_while_the_first_is_in_flight_waits_for_its_answer() -> None:
 
 def test_a_failure_is_not_remembered_and_in_flight_retries_get_it_too() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action(fails=True)
-        action.gate = asyncio.Event()
-        first = asyncio.ensure_future(cache.run("k", "f", action))
-        retry = asyncio.ensure_future(cache.run("k", "f", action))
-        await asyncio.sleep(0.01)
+        requests = await _in_flight(cache, action, 2)
         action.gate.set()
-        outcomes = await asyncio.gather(first, retry, return_exceptions=True)
+        outcomes = await asyncio.gather(*requests, return_exceptions=True)
         assert [str(o) for o in outcomes] == ["refused-1", "refused-1"]
         assert len(cache) == 0
         # A later retry with the key runs the action again (after a 503, it writes).
@@ -102,12 +109,9 @@ def test_a_failure_is_not_remembered_and_in_flight_retries_get_it_too() -> None:
 
 def test_a_cancelled_first_request_cancels_its_waiting_retries_and_is_forgotten() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action()
-        action.gate = asyncio.Event()
-        first = asyncio.ensure_future(cache.run("k", "f", action))
-        retry = asyncio.ensure_future(cache.run("k", "f", action))
-        await asyncio.sleep(0.01)
+        first, retry = await _in_flight(cache, action, 2)
         first.cancel()
         await asyncio.gather(first, retry, return_exceptions=True)
         assert first.cancelled() and retry.cancelled()
@@ -120,7 +124,7 @@ def test_a_cancelled_first_request_cancels_its_waiting_retries_and_is_forgotten(
 
 def test_keys_are_forgotten_once_the_window_has_passed(clock: list[float]) -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=10)
+        cache = _cache()
         action = Action()
         await cache.run("old", "f", action)  # expires at 1,600
         clock[0] = 1_300.0
@@ -137,7 +141,7 @@ def test_keys_are_forgotten_once_the_window_has_passed(clock: list[float]) -> No
 
 def test_beyond_max_keys_the_oldest_key_is_forgotten_first() -> None:
     async def scenario() -> None:
-        cache: IdempotencyCache[str] = IdempotencyCache(window=600, max_keys=3)
+        cache = _cache(max_keys=3)
         action = Action()
         for key in ("a", "b", "c", "d"):
             await cache.run(key, "f", action)

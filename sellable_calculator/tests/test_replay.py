@@ -42,17 +42,24 @@ def _reserve(*mutations: tuple[bytes, int, int, int], upto: int) -> MutationBatc
     return MutationBatch(RESERVATION, P, list(mutations), upto)
 
 
+def _restarted(
+    store: SellableStore,
+    positions: dict[tuple[str, int], int],
+    health: DataflowHealth | None = None,
+) -> PartitionSums:
+    """A start without a snapshot over ``store``, which has reached ``positions``."""
+    store.apply({}, positions)
+    return PartitionSums(None, store, health)
+
+
 def _replayed_after_a_crash(store: SellableStore, health: DataflowHealth) -> PartitionSums:
     """Partition P's topics, the store written up to their ends (B's value wrong), and a
     restart without any snapshot that replays everything, reservations first.
 
     adjustments: A +100 (t1), B +5 (t2), A +50 (t3); reservations: A 10 (t4), D 4 (t5).
     """
-    store.apply(
-        {A: Sellable(140, 150, 10, 4), B: Sellable(4, 4, 0, 2)},
-        {(ADJUSTMENTS, P): 3, (RESERVATIONS, P): 2},
-    )
-    logic = PartitionSums(None, store, health)
+    store.apply({A: Sellable(140, 150, 10, 4), B: Sellable(4, 4, 0, 2)}, {})
+    logic = _restarted(store, {(ADJUSTMENTS, P): 3, (RESERVATIONS, P): 2}, health)
     assert apply_batch(logic, store, _reserve((A, 10, 4, 0), (D, 4, 5, 1), upto=2)) == []
     assert health.replaying() == [P]
     assert apply_batch(logic, store, _adjust((A, 100, 1, 0), (B, 5, 2, 1), upto=2)) == []
@@ -91,8 +98,7 @@ def test_after_catching_up_a_batch_publishes_what_it_changed_and_nothing_else(
 def test_a_store_ahead_on_reservations_only_holds_back_until_they_reach_it(
     store: SellableStore,
 ) -> None:
-    store.apply({}, {(RESERVATIONS, P): 2})
-    logic = PartitionSums(None, store)
+    logic = _restarted(store, {(RESERVATIONS, P): 2})
     assert apply_batch(logic, store, _adjust((A, 100, 1, 0), upto=1)) == []
     assert apply_batch(logic, store, _reserve((A, 10, 2, 0), upto=1)) == []
     (update,) = apply_batch(logic, store, _reserve((A, 5, 3, 1), upto=2))
@@ -104,16 +110,14 @@ def test_records_skipped_past_the_stores_position_count_as_reaching_it(
     store: SellableStore,
 ) -> None:
     """The batch's next offset counts, not its last decoded record's."""
-    store.apply({}, {(ADJUSTMENTS, P): 2})
-    logic = PartitionSums(None, store)
+    logic = _restarted(store, {(ADJUSTMENTS, P): 2})
     (update,) = apply_batch(logic, store, _adjust((A, 100, 1, 0), upto=5))
     assert update.changes == {A: Sellable(100, 100, 0, 1)}
 
 
 def test_other_partitions_positions_hold_nothing_back(store: SellableStore) -> None:
     health = DataflowHealth()
-    store.apply({}, {(ADJUSTMENTS, P + 1): 100, (RESERVATIONS, P - 1): 100})
-    logic = PartitionSums(None, store, health)
+    logic = _restarted(store, {(ADJUSTMENTS, P + 1): 100, (RESERVATIONS, P - 1): 100}, health)
     (update,) = apply_batch(logic, store, _adjust((A, 7, 1, 0), upto=1))
     assert update.changes == {A: Sellable(7, 7, 0, 1)}
     assert health.replaying() == []
