@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -37,25 +38,42 @@ def started_endpoints() -> Iterator[Endpoints]:
 
 
 class Progress:
-    """One tqdm bar per phase."""
+    """One progress bar per phase on a terminal; anywhere else (a pipe, a log file) one
+    line per phase once it is over, instead of a redraw for every update."""
 
-    def __init__(self) -> None:
-        self._phase: str | None = None
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._live = self._stream.isatty()
         self._bar: tqdm | None = None
+        self._phase: str | None = None
+        self._started = 0.0
+        self._done = self._total = 0.0
 
     def __call__(self, phase: str, done: float, total: float) -> None:
         if phase != self._phase:
             self.close()
-            self._phase = phase
-            self._bar = tqdm(total=round(total, 1), desc=f"{phase:<34}", leave=True)
-        assert self._bar is not None
-        self._bar.n = round(min(done, total), 1)
-        self._bar.refresh()
+            self._phase, self._started = phase, time.monotonic()
+            if self._live:
+                self._bar = tqdm(total=round(total, 1), desc=f"{phase:<34}", file=self._stream)
+        self._done, self._total = round(min(done, total), 1), round(total, 1)
+        if self._bar is not None:
+            self._bar.n = self._done
+            self._bar.update(0)  # redraws at most every mininterval (0.1 s)
 
     def close(self) -> None:
+        """End the current phase: the bar's final state, or its one line."""
         if self._bar is not None:
+            self._bar.n = self._done
             self._bar.close()
             self._bar = None
+        elif self._phase is not None:
+            seconds = time.monotonic() - self._started
+            print(
+                f"{self._phase:<34} {self._done:g}/{self._total:g} in {seconds:.1f} s",
+                file=self._stream,
+                flush=True,
+            )
+        self._phase = None
 
 
 def main(argv: list[str] | None = None) -> int:

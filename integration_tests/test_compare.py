@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
-from comparison.__main__ import main
+from comparison.__main__ import Progress, main
 from comparison.workload import PATHS
-from integration_tests.conftest import System
+from integration_tests.support import System
 
 PROBES = 5
 KEYS = 20
@@ -65,3 +66,36 @@ def test_a_short_comparison_writes_a_complete_consistent_report(
     assert page.count('src="data:image/png;base64,') == 3
     for chart in ("latency_cdf.png", "freshness_hist.png", "throughput.png"):
         assert (tmp_path / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _phases(progress: Progress) -> None:
+    """Updates as the workload sends them: thousands for a reading phase."""
+    for n in range(1, 5_001):
+        progress("reading calculator-local", n / 500, 10.0)
+    for n in range(1, 6):
+        progress("freshness calculator-local", n, 5)
+    progress.close()
+
+
+def test_progress_piped_to_a_file_is_one_line_per_phase() -> None:
+    log = io.StringIO()
+    _phases(Progress(log))
+    lines = log.getvalue().splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["reading", "calculator-local", "10/10"],
+        ["freshness", "calculator-local", "5/5"],
+    ]
+    assert "\r" not in log.getvalue()
+
+
+def test_progress_on_a_terminal_redraws_its_bars_a_few_times_a_second() -> None:
+    terminal = _Terminal()
+    _phases(Progress(terminal))
+    # Without the rate limit every update was a redraw: 5,005 of them here.
+    assert terminal.getvalue().count("\r") < 100
+    assert terminal.getvalue().count("100%|") == 2  # each bar's final state is drawn

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from integration_tests.conftest import System
+from integration_tests.support import System
 
 MAX_EXAMPLES = 100
 """Test cases per operation and phase; about 10 s per server on the development machine."""

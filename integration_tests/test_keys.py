@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from integration_tests.conftest import System
+from integration_tests.support import System
 from local_stack.testing import REFUSED_IDS, inventory_path, odd_ids, wait_until
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from integration_tests.conftest import PARTITIONS, System
-from local_stack.system import calculator_process
+from integration_tests.support import PARTITIONS, System
 from local_stack.testing import wait_until
 from shared_schemas import encode_key, partition_for
 
@@ -137,8 +136,7 @@ def test_a_calculator_killed_and_restarted_ends_exact(system: System, log_dir: P
     system.wait_all_agree(location, expected, timeout=60)
 
     victim_url, survivor_url = system.calculators[1], system.calculators[0]
-    port = int(victim_url.rsplit(":", 1)[1])
-    victim = calculator_process(port)
+    victim = system.services["calculator-1"]
     own = [s for s in skus if partition_for(encode_key(location, s), PARTITIONS) % 2 == 0]
     assert own, "the survivor owns some of the keys"
 

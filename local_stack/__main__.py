@@ -14,6 +14,8 @@ is one ``error: …`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -21,7 +23,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -35,7 +36,7 @@ from local_stack.cassandra import (
     external_cassandra,
     java_binary,
 )
-from local_stack.paths import logs_dir, run_dir, state_dir
+from local_stack.paths import logs_dir, run_dir, services_file, state_dir
 from local_stack.process import (
     ManagedProcess,
     PrerequisiteError,
@@ -53,22 +54,27 @@ SERVICE_PORT = 9093
 FIRST_CALCULATOR_PORT = 9094
 
 
-@dataclass
-class Stack:
-    """What one command started, to stop in reverse order."""
+class Stack(contextlib.ExitStack):
+    """What one command started, stopped in reverse order when the ``with`` block ends."""
 
-    stoppers: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    """Settings every service gets: where Kafka and Cassandra are."""
+    def __init__(self) -> None:
+        super().__init__()
+        self.env: dict[str, str] = {}
+        """Settings every service gets: where Kafka and Cassandra are."""
+        self.services: dict[str, dict[str, object]] = {}
+        """Each service process started, as :func:`local_stack.paths.services_file` lists it."""
 
-    def stop(self) -> None:
-        for name, stop in reversed(self.stoppers):
-            log.info("stopping %s", name)
-            try:
-                stop()
-            except Exception as exc:  # keep stopping the rest
-                log.error("stopping %s failed: %s", name, exc)
-        self.stoppers.clear()
+    def on_stop(self, name: str, stop: Callable[[], object]) -> None:
+        """Call ``stop`` at the end, logged; if it fails, the rest are still stopped."""
+        self.callback(_stop_logged, name, stop)
+
+
+def _stop_logged(name: str, stop: Callable[[], object]) -> None:
+    log.info("stopping %s", name)
+    try:
+        stop()
+    except Exception as exc:  # keep stopping the rest; the exit status stays the command's
+        log.error("stopping %s failed: %s", name, exc)
 
 
 def _start_broker(stack: Stack, port: int) -> None:
@@ -79,7 +85,7 @@ def _start_broker(stack: Stack, port: int) -> None:
         return
     broker = EmbeddedBroker(port=port)
     broker.start()
-    stack.stoppers.append(("broker", broker.stop))
+    stack.on_stop("broker", broker.stop)
     stack.env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap_servers
     log.info("broker ready on %s (log %s)", broker.bootstrap_servers, broker.process.log_path)
 
@@ -94,7 +100,7 @@ def _start_cassandra(stack: Stack, port: int, fresh: bool) -> None:
     cassandra = EmbeddedCassandra(port=port, fresh=fresh)
     log.info("starting Cassandra on 127.0.0.1:%d (takes a few seconds)…", port)
     cassandra.start()
-    stack.stoppers.append(("cassandra", cassandra.stop))
+    stack.on_stop("cassandra", cassandra.stop)
     stack.env.update(
         CASSANDRA_CONTACT_POINTS="127.0.0.1",
         CASSANDRA_PORT=str(port),
@@ -157,9 +163,27 @@ def _start_service(
         process.stop()
         follower.stopped.set()
 
-    stack.stoppers.append((name, stop))
+    stack.on_stop(name, stop)
+    stack.services[name] = {
+        "pid": process.pid,
+        "argv": process.command,
+        # What it gets on top of this process's environment (not the whole environment:
+        # the file is on disk).
+        "env": {**stack.env, **env},
+        "cwd": os.getcwd(),
+    }
     url = f"http://127.0.0.1:{port}/health/live"
     process.wait_ready(lambda: httpx.get(url, timeout=1).status_code == 200, timeout=90)
+
+
+def _publish_services(stack: Stack) -> None:
+    """Write :func:`services_file` (whole or not at all), and remove it first on stop."""
+    path = services_file()
+    partial = path.with_name(path.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps(stack.services, indent=1))
+    partial.replace(path)
+    stack.callback(path.unlink, missing_ok=True)
 
 
 def _tour(mutator_port: int, service_port: int, calculator_ports: list[int]) -> str:
@@ -281,6 +305,7 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
         args.mutator_port,
         width,
     )
+    _publish_services(stack)
     print(_tour(args.mutator_port, args.service_port, calculator_ports), flush=True)
     _wait_for_signal()
 
@@ -322,23 +347,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
-    stack = Stack()
     # Until the command waits for its signal, SIGTERM interrupts the start-up like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        args.function(args, stack)
-        return 0
-    except PrerequisiteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ProcessFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        log.info("interrupted")
-        return 130
-    finally:
-        stack.stop()
+    with Stack() as stack:
+        try:
+            args.function(args, stack)
+            return 0
+        except PrerequisiteError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except ProcessFailed as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            log.info("interrupted")
+            return 130
 
 
 if __name__ == "__main__":

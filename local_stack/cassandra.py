@@ -16,8 +16,9 @@ rejects.
 Durability: the node syncs its commit log before it acknowledges a write
 (``commitlog_sync: batch``), not every 10 s as the package's config says. It is a single
 node with replication factor 1, so nothing else holds a copy: with the periodic mode a
-``kill -9`` lost every write of the last 10 s that the service had already acknowledged
-and committed the Kafka offsets of, and the read model never got them back.
+``kill -9`` loses the unsynced writes, whose Kafka offsets the service has already
+committed, and the read model never gets them back. What the sync costs the service's
+sink is measured in the README's performance section.
 """
 
 from __future__ import annotations

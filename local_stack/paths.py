@@ -21,6 +21,13 @@ def logs_dir() -> Path:
     return state_dir() / "logs"
 
 
-def run_dir() -> Path:
-    """Per-instance data of the servers (e.g. ``run/cassandra-9042``)."""
-    return state_dir() / "run"
+def run_dir(home: Path | None = None) -> Path:
+    """Per-instance data of the servers (e.g. ``run/cassandra-9042``); ``home`` instead of
+    :func:`state_dir` for a stack started with another ``LOCAL_STACK_HOME``."""
+    return (home or state_dir()) / "run"
+
+
+def services_file(home: Path | None = None) -> Path:
+    """Written by ``python -m local_stack up`` once everything is ready, removed when it
+    stops: each service process it started (pid, command, settings, directory)."""
+    return run_dir(home) / "services.json"

@@ -13,6 +13,7 @@ system at external servers are removed: what starts here is the embedded system.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,17 +26,21 @@ from pathlib import Path
 
 from local_stack.__main__ import READY_BANNER
 from local_stack.cassandra import distribution_dir, ensure_cassandra_distribution
+from local_stack.paths import services_file
 from local_stack.process import ManagedProcess, free_port
 
 
 @dataclass(frozen=True)
 class RunningSystem:
-    """Base URLs of a started system and the ``up`` process that runs it."""
+    """Base URLs of a started system, the ``up`` process that runs it and the service
+    processes that process started, by name (``calculator-0``…, ``sellable_service``,
+    ``inventory_mutator``): to kill one and start it again."""
 
     mutator: str
     service: str
     calculators: list[str]
     process: ManagedProcess
+    services: dict[str, ServiceProcess]
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -107,6 +112,7 @@ def started_system(
             f"http://127.0.0.1:{service}",
             [f"http://127.0.0.1:{calculator + i}" for i in range(calculators)],
             process,
+            _started_services(home, env),
         )
     finally:
         process.stop(grace=60)
@@ -137,8 +143,21 @@ class ServiceProcess:
         return process
 
 
+def _started_services(home: Path, env: dict[str, str]) -> dict[str, ServiceProcess]:
+    """The service processes ``up`` reported in its services file; ``env`` is its own."""
+    listed = json.loads(services_file(home).read_text())
+    return {
+        name: ServiceProcess(
+            service["pid"], service["argv"], {**env, **service["env"]}, Path(service["cwd"])
+        )
+        for name, service in listed.items()
+    }
+
+
 def calculator_process(port: int) -> ServiceProcess:
-    """The calculator process whose ``CALCULATOR_PORT`` is ``port`` (Linux ``/proc``)."""
+    """The calculator process whose ``CALCULATOR_PORT`` is ``port``, found by scanning
+    Linux's ``/proc``: for a system started elsewhere (:func:`started_system` has them in
+    :attr:`RunningSystem.services`)."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue

@@ -111,13 +111,13 @@ class Upsert:
 
 
 @dataclass(slots=True)
-class _Batch:
+class Batch:
     """Records in hand: the newest upsert per key, and per partition the next offset."""
 
     upserts: dict[bytes, Upsert] = field(default_factory=dict)
     next_offsets: dict[int, int] = field(default_factory=dict)
 
-    def merge(self, other: _Batch) -> None:
+    def merge(self, other: Batch) -> None:
         """Add records consumed later (or re-read after a rebalance) to this batch."""
         for key, upsert in other.upserts.items():
             held = self.upserts.get(key)
@@ -147,7 +147,7 @@ class SellableWriter:
         self._ever_assigned = False
         self._state: WriterState = "starting"
         self._loop_at = time.monotonic()
-        self._pending: _Batch | None = None
+        self._pending: Batch | None = None
         self._paused = False
 
     @property
@@ -301,7 +301,7 @@ class SellableWriter:
             timeout = 0.05 if self._pending is None else min(max(next_attempt - now, 0), 0.5)
             messages = consumer.consume(self.settings.service_batch_size, timeout)
             if messages:
-                batch = self._decode(messages)
+                batch = self.decode(messages)
                 if self._pending is None:
                     self._pending = batch
                 else:  # arrived from a partition assigned while retrying
@@ -326,12 +326,12 @@ class SellableWriter:
                 self._update_lag(consumer)
                 last_lag_update = time.monotonic()
 
-    def _try_write(self, batch: _Batch) -> bool:
+    def _try_write(self, batch: Batch) -> bool:
         """Write ``batch``; False (logged, counted) if Cassandra refused it."""
         upserts = list(batch.upserts.values())
         try:
             started = time.perf_counter()
-            self._write(upserts)
+            self.write(upserts)
         except (CassandraUnavailable, *WRITE_RETRY_ERRORS) as exc:
             self.metrics.write_failures.inc()
             log.warning(
@@ -345,7 +345,7 @@ class SellableWriter:
         self.metrics.written.inc(len(upserts))
         return True
 
-    def _store(self, consumer: Consumer, batch: _Batch) -> None:
+    def _store(self, consumer: Consumer, batch: Batch) -> None:
         """Store the offsets of a written batch, for the consumer to commit."""
         topic = self.settings.service_topic
         for partition, offset in batch.next_offsets.items():
@@ -355,8 +355,16 @@ class SellableWriter:
                 # Revoked between the write and now: the next owner re-reads these.
                 log.info("not storing offset %d of partition %d: %s", offset, partition, exc)
 
-    def _decode(self, messages: list[Message]) -> _Batch:
-        batch = _Batch()
+    def decode(self, messages: list[Message]) -> Batch:
+        """Step 1 and 2 of the loop: the newest upsert per key of ``messages``, and the
+        offset after each partition's last record, undecodable ones included.
+
+        An undecodable record (no key, a bad key, a bad value) is counted in
+        ``service_undecodable_records``, logged with its position and skipped; a value of
+        None (a tombstone) is an upsert that deletes the row. Consumer errors are logged
+        and skipped, except a fatal one, which raises :class:`KafkaException`.
+        """
+        batch = Batch()
         for message in messages:
             error = message.error()
             if error is not None:
@@ -389,7 +397,10 @@ class SellableWriter:
             batch.upserts[raw_key] = Upsert(key.location, key.sku, value, partition, offset)
         return batch
 
-    def _write(self, upserts: list[Upsert]) -> None:
+    def write(self, upserts: list[Upsert]) -> None:
+        """Step 3 of the loop: upsert (or delete) the rows, one UNLOGGED batch per
+        location, each row ``USING TIMESTAMP`` its offset, so an older record written after
+        a newer one of its key changes nothing. Raises what Cassandra raised."""
         if not upserts:
             return
         session = self.table.session()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from local_stack.__main__ import Stack
 from local_stack.broker import broker_answers
 from local_stack.process import (
     ManagedProcess,
@@ -155,3 +157,22 @@ def test_cli_says_one_line_when_the_port_is_taken(tmp_path: Path) -> None:
         == f"error: port {port} is taken: cannot start the embedded broker there"
     )
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_the_stack_stops_in_reverse_order_and_past_a_failing_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stopped: list[str] = []
+
+    def stuck() -> None:
+        stopped.append("cassandra")
+        raise RuntimeError("still running")
+
+    with caplog.at_level(logging.INFO, logger="local_stack"), Stack() as stack:
+        stack.on_stop("broker", lambda: stopped.append("broker"))
+        stack.on_stop("cassandra", stuck)
+        stack.on_stop("calculator-0", lambda: stopped.append("calculator-0"))
+        assert stopped == []
+    assert stopped == ["calculator-0", "cassandra", "broker"]
+    assert "stopping cassandra failed: still running" in caplog.text
+    assert "stopping broker" in caplog.text

@@ -1,149 +1,21 @@
-"""Fixtures for the calculator tests: real instances as processes against the real broker."""
+"""Fixtures for the calculator tests: real instances as processes against the real broker.
+
+The classes and helpers they are built from are in :mod:`sellable_calculator.tests.support`.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from local_stack.testing import wait_until
-from shared_schemas import encode_key, partition_for, value_serde
-from shared_schemas.positions import Position
-from shared_schemas.schemas import INVENTORY_MUTATION
-from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, ensure_topics
-
-PARTITIONS = 6
-
-
-class Mutations:
-    """Writes adjustments and reservations the way the mutator does (same serde, key, partition)."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-        self._serdes = {
-            topic: value_serde(INVENTORY_MUTATION, topic)
-            for topic in (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
-        }
-
-    def send(self, topic: str, location: str, sku: str, count: int) -> None:
-        """Queue one mutation; :meth:`flush` sends it."""
-        key = encode_key(location, sku)
-        value = self._serdes[topic].serialize(
-            {"mutation_id": str(uuid.uuid4()), "count": count, "event_time": int(time.time() * 1e3)}
-        )
-        while True:
-            try:
-                self._producer.produce(topic, value, key, partition=partition_for(key, PARTITIONS))
-                return
-            except BufferError:
-                self._producer.poll(0.05)
-
-    def adjust(self, location: str, sku: str, count: int) -> Position:
-        """Write one adjustment and return its position once the broker acknowledged it."""
-        return self._send_and_wait(INVENTORY_ADJUSTMENTS.name, location, sku, count)
-
-    def reserve(self, location: str, sku: str, count: int) -> Position:
-        """Write one reservation and return its position once the broker acknowledged it."""
-        return self._send_and_wait(INVENTORY_RESERVATIONS.name, location, sku, count)
-
-    def raw(self, topic: str, key: bytes | None, value: bytes | None, partition: int) -> None:
-        """Write arbitrary bytes (for bad-record tests)."""
-        self._producer.produce(topic, value, key, partition=partition)
-        assert self._producer.flush(10) == 0
-
-    def flush(self) -> None:
-        """Wait until everything queued is acknowledged."""
-        assert self._producer.flush(60) == 0
-
-    def close(self) -> None:
-        """Flush and drop the producer (its librdkafka handle goes with it)."""
-        self.flush()
-        del self._producer
-
-    def _send_and_wait(self, topic: str, location: str, sku: str, count: int) -> Position:
-        key = encode_key(location, sku)
-        delivered: list[Position] = []
-        value = self._serdes[topic].serialize(
-            {"mutation_id": str(uuid.uuid4()), "count": count, "event_time": int(time.time() * 1e3)}
-        )
-        self._producer.produce(
-            topic,
-            value,
-            key,
-            partition=partition_for(key, PARTITIONS),
-            on_delivery=lambda err, msg: (
-                delivered.append(Position(msg.topic(), msg.partition(), msg.offset()))
-                if err is None
-                else None
-            ),
-        )
-        self.flush()
-        assert delivered, "not delivered"
-        return delivered[0]
-
-
-@dataclass
-class Calculator:
-    """One calculator instance running as its own process."""
-
-    index: int
-    port: int
-    env: dict[str, str]
-    log_dir: Path
-    process: ManagedProcess | None = None
-    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Start the process and wait until its API answers."""
-        self.process = ManagedProcess(
-            f"calculator-{self.index}",
-            [sys.executable, "-m", "sellable_calculator"],
-            env=self.env,
-            log_dir=self.log_dir,
-        )
-        self.process.start()
-        self.process.wait_ready(self._live, timeout=60)
-
-    def _live(self) -> bool:
-        try:
-            return self.client.get(self.url + "/health/live").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def get(self, path: str, **params: Any) -> httpx.Response:
-        return self.client.get(self.url + path, params=params)
-
-    def sellable(self, location: str, sku: str, **params: Any) -> httpx.Response:
-        return self.get(f"/inventory/locations/{location}/skus/{sku}", **params)
-
-    def count_of(self, location: str, sku: str) -> int | None:
-        response = self.sellable(location, sku)
-        return response.json()["count"] if response.status_code == 200 else None
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        total = 0.0
-        for line in self.get("/metrics").text.splitlines():
-            if not line.startswith(name + "{") and not line.startswith(name + " "):
-                continue
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+from sellable_calculator.tests.support import PARTITIONS, Calculator, Mutations
+from shared_schemas.topics import ensure_topics
 
 
 @pytest.fixture(scope="module")
@@ -187,16 +59,3 @@ def calculators(
     for calculator in instances:
         if calculator.process is not None:
             calculator.process.stop()
-
-
-def unique_location(prefix: str = "LOC") -> str:
-    """A location no other test writes to."""
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def sku_owned_by(index: int, location: str, start: int = 0) -> str:
-    """A sku whose key lives in a partition instance ``index`` (of two) owns."""
-    for n in range(start, start + 1_000):
-        if partition_for(encode_key(location, str(n)), PARTITIONS) % 2 == index:
-            return str(n)
-    raise AssertionError("no sku found")

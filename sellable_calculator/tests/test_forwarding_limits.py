@@ -17,7 +17,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from sellable_calculator.settings import CalculatorSettings
-from sellable_calculator.tests.conftest import (
+from sellable_calculator.tests.support import (
     PARTITIONS,
     Calculator,
     Mutations,

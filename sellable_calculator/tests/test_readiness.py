@@ -16,7 +16,7 @@ from confluent_kafka.admin import AdminClient
 from local_stack.broker import EmbeddedBroker
 from local_stack.process import free_port
 from local_stack.testing import wait_until
-from sellable_calculator.tests.conftest import PARTITIONS, Calculator
+from sellable_calculator.tests.support import PARTITIONS, Calculator
 from shared_schemas.topics import ensure_topics
 
 

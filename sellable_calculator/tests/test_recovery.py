@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from local_stack.process import free_port
 from local_stack.testing import wait_until
-from sellable_calculator.tests.conftest import PARTITIONS, Calculator, Mutations, unique_location
+from sellable_calculator.tests.support import PARTITIONS, Calculator, Mutations, unique_location
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_INVENTORY

@@ -27,7 +27,7 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from sellable_calculator.tests.conftest import PARTITIONS, Calculator
+from sellable_calculator.tests.support import PARTITIONS, Calculator
 from shared_schemas.topics import CALCULATOR_INSTANCES, ensure_topics
 
 GHOST = InstanceInfo("ghost", "http://127.0.0.1:1", (), PARTITIONS, 0.0)

@@ -4,7 +4,8 @@ A crash (kill -9) leaves the store ahead of Bytewax's last snapshot, and on rest
 two input topics replay through separate consumers in any order relative to each other.
 These tests drive :class:`PartitionSums` through exactly such replays and apply its
 updates to a real store the way the sink does (the sink's publishing is tested against
-the real broker in ``test_recovery.py``).
+the real broker in ``test_recovery.py``; what is held back while replaying, key by key,
+in ``test_replay.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from sellable_calculator.dataflow import (
     INPUT_TOPICS,
     RESERVATION,
     MutationBatch,
-    PartitionState,
     PartitionSums,
-    PartitionUpdate,
 )
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.store import Sellable, SellableStore
+from sellable_calculator.tests.support import apply_batch, start_inputs
 from shared_schemas.serde import encode_key
 
 STL = encode_key("STL", "123123")
@@ -37,34 +37,9 @@ def store(tmp_path: Path) -> SellableStore:
     return SellableStore(tmp_path / "store")
 
 
-def _run(
-    logic: PartitionSums, store: SellableStore, *batches: MutationBatch
-) -> list[PartitionUpdate]:
-    """One ``on_batch`` call, its updates applied to ``store`` as the sink applies them."""
-    updates, retain = logic.on_batch(list(batches))
-    assert retain is False  # RETAIN: the per-partition state lives on
-    updates = list(updates)
-    for update in updates:
-        store.apply(
-            update.changes,
-            {(INPUT_TOPICS[k], update.partition): o for k, o in update.next_offsets.items()},
-        )
-    return updates
-
-
-def _start(
-    logic: PartitionSums, store: SellableStore, resume: PartitionState | None = None
-) -> None:
-    """The empty batch every input partition sends first."""
-    adjusted = resume.applied.get(ADJUSTMENT, 0) if resume else 0
-    reserved = resume.applied.get(RESERVATION, 0) if resume else 0
-    _run(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [], adjusted))
-    _run(logic, store, MutationBatch(RESERVATION, PARTITION, [], reserved))
-
-
 def test_sums_are_on_hand_minus_reserved_per_key(store: SellableStore) -> None:
     logic = PartitionSums(None, store)
-    (update,) = _run(
+    (update,) = apply_batch(
         logic,
         store,
         MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1_000, 0), (KC, 7, 1_001, 1)], 2),
@@ -78,25 +53,31 @@ def test_sums_are_on_hand_minus_reserved_per_key(store: SellableStore) -> None:
 
 def test_key_exists_once_adjusted_and_earlier_reservations_count(store: SellableStore) -> None:
     logic = PartitionSums(None, store)
-    (update,) = _run(logic, store, MutationBatch(RESERVATION, PARTITION, [(STL, 10, 5, 3)], 4))
+    (update,) = apply_batch(
+        logic, store, MutationBatch(RESERVATION, PARTITION, [(STL, 10, 5, 3)], 4)
+    )
     assert update.changes == {}  # the left join: no adjustment, no key
     assert update.next_offsets == {RESERVATION: 4}  # progress still moves
-    (update,) = _run(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 6, 0)], 1))
+    (update,) = apply_batch(
+        logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 6, 0)], 1)
+    )
     assert update.changes == {STL: Sellable(90, 100, 10, 6)}
 
 
 def test_negative_adjustments_and_resume_from_snapshot(store: SellableStore) -> None:
     logic = PartitionSums(None, store)
-    _run(
+    apply_batch(
         logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0), (STL, -30, 2, 1)], 2)
     )
     snapshot = logic.snapshot()
-    _run(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
+    apply_batch(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
     assert snapshot.sums[STL] == (70, 0, True, 2)  # the snapshot did not see the later batch
     assert snapshot.applied == {ADJUSTMENT: 2}
     resumed = PartitionSums(snapshot, store)
-    _run(resumed, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
-    (update,) = _run(resumed, store, MutationBatch(RESERVATION, PARTITION, [(STL, 5, 4, 0)], 1))
+    apply_batch(resumed, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
+    (update,) = apply_batch(
+        resumed, store, MutationBatch(RESERVATION, PARTITION, [(STL, 5, 4, 0)], 1)
+    )
     assert update.changes == {STL: Sellable(1_065, 1_070, 5, 4)}
 
 
@@ -105,19 +86,24 @@ def test_a_reservation_replayed_before_the_adjustment_it_follows_is_not_lost(
 ) -> None:
     """Adjust +100 (stored, not yet in a snapshot), crash, reserve 7, restart: 93."""
     first = PartitionSums(None, store)
-    _start(first, store)
+    start_inputs(first, store, PARTITION)
     snapshot = first.snapshot()  # the last snapshot before the crash
-    _run(first, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1))
+    apply_batch(first, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1))
     assert store.get(STL) == Sellable(100, 100, 0, 1)
     # kill -9 here; a reservation is written while the instance is down.
     health = DataflowHealth()
     restarted = PartitionSums(snapshot, store, health)
-    _start(restarted, store, snapshot)
+    start_inputs(restarted, store, PARTITION, snapshot)
     # The reservations' consumer replays first: the key does not exist in the sums yet.
-    assert _run(restarted, store, MutationBatch(RESERVATION, PARTITION, [(STL, 7, 2, 0)], 1)) == []
+    assert (
+        apply_batch(restarted, store, MutationBatch(RESERVATION, PARTITION, [(STL, 7, 2, 0)], 1))
+        == []
+    )
     assert health.replaying() == [PARTITION]
     assert store.get(STL) == Sellable(100, 100, 0, 1)  # the true value it had, not a mix
-    (update,) = _run(restarted, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1))
+    (update,) = apply_batch(
+        restarted, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1)
+    )
     assert update.changes == {STL: Sellable(93, 100, 7, 2)}
     assert update.next_offsets == {ADJUSTMENT: 1, RESERVATION: 1}
     assert store.get(STL) == Sellable(93, 100, 7, 2)
@@ -127,11 +113,11 @@ def test_a_reservation_replayed_before_the_adjustment_it_follows_is_not_lost(
 def test_a_store_behind_the_snapshot_is_repaired_at_the_first_batch(store: SellableStore) -> None:
     """Values in the snapshot but missing from the store are published at start."""
     logic = PartitionSums(None, store)
-    _start(logic, store)
+    start_inputs(logic, store, PARTITION)
     logic.on_batch([MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1)])  # lost write
     snapshot = logic.snapshot()
     restarted = PartitionSums(snapshot, store)
-    (update,) = _run(restarted, store, MutationBatch(RESERVATION, PARTITION, [], 0))
+    (update,) = apply_batch(restarted, store, MutationBatch(RESERVATION, PARTITION, [], 0))
     assert update.changes == {STL: Sellable(100, 100, 0, 1)}
     assert store.get(STL) == Sellable(100, 100, 0, 1)
 
@@ -201,13 +187,13 @@ def test_any_crash_point_and_replay_order_ends_exact_and_never_shows_a_mix(
 
     # Before the crash: the original interleaving, with a snapshot somewhere in it.
     original = PartitionSums(None, store)
-    _start(original, store)
+    start_inputs(original, store, PARTITION)
     batches = list(_chunks(rng, logs, {ADJUSTMENT: 0, RESERVATION: 0}))
     snapshot_at, crash_at = rng.randint(0, len(batches)), rng.randint(0, len(batches))
     snapshot = original.snapshot()
     for i, batch in enumerate(batches[: max(snapshot_at, crash_at)]):
         if i < crash_at:
-            _run(original, store, batch)
+            apply_batch(original, store, batch)
         else:  # the store lost these writes: the snapshot is ahead of it
             original.on_batch([batch])
         if i + 1 == snapshot_at:
@@ -216,9 +202,9 @@ def test_any_crash_point_and_replay_order_ends_exact_and_never_shows_a_mix(
 
     # Restart from the snapshot; everything after it replays, in another order.
     restarted = PartitionSums(snapshot, store)
-    _start(restarted, store, snapshot)
+    start_inputs(restarted, store, PARTITION, snapshot)
     for batch in _chunks(rng, logs, {k: snapshot.applied.get(k, 0) for k in logs}):
-        _run(restarted, store, batch)
+        apply_batch(restarted, store, batch)
         _assert_store_matches_its_positions(store, logs)
     final = _truth(logs, {k: len(v) for k, v in logs.items()})
     assert {key: value.count for key in keys if (value := store.get(key))} == final

@@ -291,7 +291,7 @@ def test_replayed_and_reordered_records_do_not_regress(
         wait_until(lambda: _count(client, "REPLAY", "a") == 30)
         # An older record arriving after a newer one (as after a rebalance) loses.
         writer = client.app.state.writer  # type: ignore[attr-defined]
-        writer._write(
+        writer.write(
             [
                 Upsert(
                     "REPLAY", "a", {"count": 1, "on_hand": 1, "reserved": 0, "updated_at": 0}, 0, 1
@@ -485,7 +485,7 @@ def test_writer_restarts_itself_after_an_unexpected_error(
     settings = new_settings().model_copy(update={"service_max_poll_interval_ms": 3_000})
     app = create_app(settings)
     writer = app.state.writer
-    real_write = writer._write
+    real_write = writer.write
     calls: list[int] = []
 
     def fails_once(upserts: list[Upsert]) -> None:
@@ -494,7 +494,7 @@ def test_writer_restarts_itself_after_an_unexpected_error(
             raise RuntimeError("injected")
         real_write(upserts)
 
-    writer._write = fails_once
+    writer.write = fails_once
     with TestClient(app) as client:
         _send(publisher, "RESTART", range(5))
         wait_until(lambda: _all_there(client, "RESTART", range(5)), timeout=40)

@@ -1,0 +1,196 @@
+"""Helpers for the calculator tests: instances as processes, a mutation writer, keys;
+and :class:`PartitionSums` driven batch by batch with its updates stored as the sink does.
+
+Imported by the test modules and by ``conftest.py`` (which holds only the fixtures).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from confluent_kafka import Producer
+
+from local_stack.process import ManagedProcess
+from sellable_calculator.dataflow import (
+    ADJUSTMENT,
+    INPUT_TOPICS,
+    RESERVATION,
+    MutationBatch,
+    PartitionState,
+    PartitionSums,
+    PartitionUpdate,
+)
+from sellable_calculator.store import SellableStore
+from shared_schemas import encode_key, partition_for, value_serde
+from shared_schemas.positions import Position
+from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
+
+PARTITIONS = 6
+
+
+class Mutations:
+    """Writes adjustments and reservations the way the mutator does (same serde, key, partition)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        self._serdes = {
+            topic: value_serde(INVENTORY_MUTATION, topic)
+            for topic in (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
+        }
+
+    def send(self, topic: str, location: str, sku: str, count: int) -> None:
+        """Queue one mutation; :meth:`flush` sends it."""
+        key = encode_key(location, sku)
+        value = self._serdes[topic].serialize(
+            {"mutation_id": str(uuid.uuid4()), "count": count, "event_time": int(time.time() * 1e3)}
+        )
+        while True:
+            try:
+                self._producer.produce(topic, value, key, partition=partition_for(key, PARTITIONS))
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def adjust(self, location: str, sku: str, count: int) -> Position:
+        """Write one adjustment and return its position once the broker acknowledged it."""
+        return self._send_and_wait(INVENTORY_ADJUSTMENTS.name, location, sku, count)
+
+    def reserve(self, location: str, sku: str, count: int) -> Position:
+        """Write one reservation and return its position once the broker acknowledged it."""
+        return self._send_and_wait(INVENTORY_RESERVATIONS.name, location, sku, count)
+
+    def raw(self, topic: str, key: bytes | None, value: bytes | None, partition: int) -> None:
+        """Write arbitrary bytes (for bad-record tests)."""
+        self._producer.produce(topic, value, key, partition=partition)
+        assert self._producer.flush(10) == 0
+
+    def flush(self) -> None:
+        """Wait until everything queued is acknowledged."""
+        assert self._producer.flush(60) == 0
+
+    def close(self) -> None:
+        """Flush and drop the producer (its librdkafka handle goes with it)."""
+        self.flush()
+        del self._producer
+
+    def _send_and_wait(self, topic: str, location: str, sku: str, count: int) -> Position:
+        key = encode_key(location, sku)
+        delivered: list[Position] = []
+        value = self._serdes[topic].serialize(
+            {"mutation_id": str(uuid.uuid4()), "count": count, "event_time": int(time.time() * 1e3)}
+        )
+        self._producer.produce(
+            topic,
+            value,
+            key,
+            partition=partition_for(key, PARTITIONS),
+            on_delivery=lambda err, msg: (
+                delivered.append(Position(msg.topic(), msg.partition(), msg.offset()))
+                if err is None
+                else None
+            ),
+        )
+        self.flush()
+        assert delivered, "not delivered"
+        return delivered[0]
+
+
+@dataclass
+class Calculator:
+    """One calculator instance running as its own process."""
+
+    index: int
+    port: int
+    env: dict[str, str]
+    log_dir: Path
+    process: ManagedProcess | None = None
+    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start the process and wait until its API answers."""
+        self.process = ManagedProcess(
+            f"calculator-{self.index}",
+            [sys.executable, "-m", "sellable_calculator"],
+            env=self.env,
+            log_dir=self.log_dir,
+        )
+        self.process.start()
+        self.process.wait_ready(self._live, timeout=60)
+
+    def _live(self) -> bool:
+        try:
+            return self.client.get(self.url + "/health/live").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return self.client.get(self.url + path, params=params)
+
+    def sellable(self, location: str, sku: str, **params: Any) -> httpx.Response:
+        return self.get(f"/inventory/locations/{location}/skus/{sku}", **params)
+
+    def count_of(self, location: str, sku: str) -> int | None:
+        response = self.sellable(location, sku)
+        return response.json()["count"] if response.status_code == 200 else None
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for line in self.get("/metrics").text.splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def unique_location(prefix: str = "LOC") -> str:
+    """A location no other test writes to."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def sku_owned_by(index: int, location: str, start: int = 0) -> str:
+    """A sku whose key lives in a partition instance ``index`` (of two) owns."""
+    for n in range(start, start + 1_000):
+        if partition_for(encode_key(location, str(n)), PARTITIONS) % 2 == index:
+            return str(n)
+    raise AssertionError("no sku found")
+
+
+def apply_batch(
+    logic: PartitionSums, store: SellableStore, *batches: MutationBatch
+) -> list[PartitionUpdate]:
+    """One ``on_batch`` call, its updates applied to ``store`` as the sink applies them."""
+    updates, retain = logic.on_batch(list(batches))
+    assert retain is False  # RETAIN: the per-partition state lives on
+    updates = list(updates)
+    for update in updates:
+        store.apply(
+            update.changes,
+            {(INPUT_TOPICS[k], update.partition): o for k, o in update.next_offsets.items()},
+        )
+    return updates
+
+
+def start_inputs(
+    logic: PartitionSums,
+    store: SellableStore,
+    partition: int,
+    resume: PartitionState | None = None,
+) -> None:
+    """The empty batch each input partition sends first (at ``resume``'s offsets)."""
+    adjusted = resume.applied.get(ADJUSTMENT, 0) if resume else 0
+    reserved = resume.applied.get(RESERVATION, 0) if resume else 0
+    apply_batch(logic, store, MutationBatch(ADJUSTMENT, partition, [], adjusted))
+    apply_batch(logic, store, MutationBatch(RESERVATION, partition, [], reserved))
