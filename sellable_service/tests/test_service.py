@@ -15,8 +15,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -26,43 +24,9 @@ from local_stack.process import free_port
 from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
 from sellable_service.writer import Upsert
-from shared_schemas import encode_key, partition_for, value_serde
-from shared_schemas.schemas import SELLABLE_INVENTORY
-from shared_schemas.topics import TopicSpec, ensure_topics
-
-PARTITIONS = 6
-
-
-class Publisher:
-    """Writes sellable values the way the calculator does (same key, partition, serde)."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        self.topic = topic
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
-        self._serde = value_serde(SELLABLE_INVENTORY, topic)
-
-    def send(self, location: str, sku: str, count: int, on_hand: int | None = None) -> None:
-        key = encode_key(location, sku)
-        value = self._serde.serialize(
-            {
-                "count": count,
-                "on_hand": count if on_hand is None else on_hand,
-                "reserved": 0 if on_hand is None else on_hand - count,
-                "updated_at": int(time.time() * 1000),
-            }
-        )
-        self._producer.produce(self.topic, value, key, partition=partition_for(key, PARTITIONS))
-
-    def raw(self, key: bytes | None, value: bytes | None, partition: int = 0) -> None:
-        self._producer.produce(self.topic, value, key, partition=partition)
-
-    def flush(self) -> None:
-        assert self._producer.flush(30) == 0
-
-    def close(self) -> None:
-        self.flush()
-        del self._producer
+from shared_schemas import encode_key, partition_for
 
 
 def _settings(
@@ -81,15 +45,9 @@ def _settings(
     )
 
 
-def _new_topic(bootstrap: str) -> str:
-    spec = TopicSpec(f"sellable-test-{uuid.uuid4().hex[:8]}", "test", {"cleanup.policy": "compact"})
-    ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS, [spec])
-    return spec.name
-
-
 @pytest.fixture
 def topic(kafka_bootstrap: str) -> str:
-    return _new_topic(kafka_bootstrap)
+    return new_topic(kafka_bootstrap)
 
 
 @pytest.fixture
@@ -439,7 +397,7 @@ def test_broker_frozen_then_resumed(
     broker.start()
     assert broker.process.pid is not None
     group = broker.process.pid  # its own process group (ManagedProcess)
-    publisher = Publisher(broker.bootstrap_servers, _new_topic(broker.bootstrap_servers))
+    publisher = Publisher(broker.bootstrap_servers, new_topic(broker.bootstrap_servers))
     try:
         settings = _settings(
             broker.bootstrap_servers, cassandra_endpoint, publisher.topic, keyspace

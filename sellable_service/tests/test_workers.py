@@ -17,7 +17,7 @@ import pytest
 from local_stack.cassandra import CassandraEndpoint
 from local_stack.process import ManagedProcess, free_port
 from local_stack.testing import inventory_path, wait_until
-from sellable_service.tests.test_service import PARTITIONS, Publisher, _new_topic
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def service(
     kafka_bootstrap: str, cassandra_endpoint: CassandraEndpoint, tmp_path: Path
 ) -> Iterator[tuple[ManagedProcess, str, Publisher]]:
     """The service with two API workers on its own topic and keyspace, and a publisher."""
-    topic = _new_topic(kafka_bootstrap)
+    topic = new_topic(kafka_bootstrap)
     port = free_port()
     env = {
         **os.environ,
