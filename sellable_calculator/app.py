@@ -565,16 +565,12 @@ def create_app(runtime: CalculatorRuntime) -> FastAPI:
 
     @app.get("/metadata", response_model=Metadata, summary="The routing table")
     async def metadata() -> Metadata:
-        instances = runtime.routing.instances()
-        owned_anywhere = {p for i in instances for p in i.partitions}
         return Metadata(
             partitionCount=settings.topic_partitions,
-            instances=[_view(i, me) for i in instances],
+            instances=[_view(i, me) for i in runtime.routing.instances()],
             unownedPartitions=[
                 p for p in range(settings.topic_partitions) if runtime.routing.owner(p) is None
-            ]
-            if owned_anywhere
-            else list(range(settings.topic_partitions)),
+            ],
         )
 
     @app.get(
