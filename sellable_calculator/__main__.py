@@ -30,7 +30,7 @@ from bytewax.run import cli_main
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
-from sellable_calculator.app import CalculatorRuntime, create_app
+from sellable_calculator.app import create_app
 from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
@@ -42,6 +42,7 @@ from sellable_calculator.routing import (
     advertise,
     withdraw,
 )
+from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from shared_schemas.http import configure_logging, server_config, tune_gc_for_serving
