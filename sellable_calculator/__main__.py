@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -30,7 +31,7 @@ from bytewax.run import cli_main
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pydantic import ValidationError
 
-from sellable_calculator.app import CalculatorRuntime, create_app
+from sellable_calculator.app import create_app
 from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
@@ -42,6 +43,7 @@ from sellable_calculator.routing import (
     advertise,
     withdraw,
 )
+from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
 from shared_schemas.http import configure_logging
@@ -172,8 +174,40 @@ def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Th
     return start_in_thread(config)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run until the dataflow stops; the exit status says whether it stopped cleanly."""
+class _Stopping:
+    """Why the instance stops: a signal, or a routing table nobody keeps current any more.
+
+    ``requested`` is the event the dataflow's sources watch; setting it stops them, and
+    Bytewax then closes the epoch and lets the sinks flush.
+    """
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.routing_lost = threading.Event()
+
+    def on_routing_lost(self, exc: BaseException) -> None:
+        """The routing follower gave up: stop, and exit 1 afterwards."""
+        # Serving with a routing table nobody keeps current would send requests to
+        # instances that moved or died: stop (cleanly, so the state stays consistent)
+        # and exit non-zero, so that a supervisor restarts this instance.
+        log.error(
+            "the routing table can no longer be kept current (%s): stopping the instance", exc
+        )
+        self.routing_lost.set()
+        self.requested.set()
+
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """SIGTERM or SIGINT: stop cleanly; a second one exits at once."""
+        if self.requested.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(130)
+        log.info("%s received: stopping the dataflow", signal.Signals(signum).name)
+        self.requested.set()
+
+
+def _settings(argv: list[str] | None) -> CalculatorSettings | None:
+    """The settings from the environment and the command line; None (said on stderr)
+    when they are invalid."""
     args = _parse_args(argv)
     overrides = {
         "calculator_workers": args.workers,
@@ -181,10 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         "calculator_port": args.port,
     }
     try:
-        settings = CalculatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+        return CalculatorSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
-        return 2
+        return None
+
+
+def _configure_process(settings: CalculatorSettings) -> None:
+    """Logging, the GIL switch interval, and the start-up log line."""
     configure_logging(settings.log_level)
     for warning in unknown_settings(CalculatorSettings):
         log.warning("%s", warning)
@@ -199,6 +237,33 @@ def main(argv: list[str] | None = None) -> int:
         settings.calculator_workers,
         settings.kafka_bootstrap_servers,
     )
+
+
+def _recovery_dir(settings: CalculatorSettings) -> Path:
+    """Bytewax's recovery partitions of this instance, created on its first start."""
+    recovery_dir = settings.instance_dir / "recovery"
+    if not recovery_dir.exists():
+        recovery_dir.mkdir(parents=True)
+        init_db_dir(recovery_dir, max(1, settings.calculator_workers))
+        log.info("created recovery partitions in %s", recovery_dir)
+    return recovery_dir
+
+
+def _expecting_every_input(settings: CalculatorSettings) -> DataflowHealth:
+    """Dataflow health that is not ready until every owned input partition reads."""
+    health = DataflowHealth()
+    for topic in INPUT_TOPICS:
+        for partition in settings.owned_partitions:
+            health.expect_input(topic, partition)
+    return health
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run until the dataflow stops; the exit status says whether it stopped cleanly."""
+    settings = _settings(argv)
+    if settings is None:
+        return 2
+    _configure_process(settings)
     try:
         ensure_topics_when_available(
             settings.kafka_bootstrap_servers,
@@ -210,58 +275,39 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 2
 
-    recovery_dir = settings.instance_dir / "recovery"
-    if not recovery_dir.exists():
-        recovery_dir.mkdir(parents=True)
-        init_db_dir(recovery_dir, max(1, settings.calculator_workers))
-        log.info("created recovery partitions in %s", recovery_dir)
+    recovery_dir = _recovery_dir(settings)
     store = SellableStore(settings.instance_dir / "store")
     _warn_if_state_is_from_other_topics(settings, store, end_offsets)
-    progress = Progress(store.positions())
-    metrics = CalculatorMetrics()
-    health = DataflowHealth()
-    for topic in INPUT_TOPICS:  # not ready until every owned input partition reads
-        for partition in settings.owned_partitions:
-            health.expect_input(topic, partition)
-    me = InstanceInfo.of(settings)
-    routing = RoutingTable(me)
-    stop = threading.Event()
-    routing_lost = threading.Event()
-
-    def on_routing_lost(exc: BaseException) -> None:
-        # Serving with a routing table nobody keeps current would send requests to
-        # instances that moved or died: stop (cleanly, so the state stays consistent)
-        # and exit non-zero, so that a supervisor restarts this instance.
-        log.error(
-            "the routing table can no longer be kept current (%s): stopping the instance", exc
-        )
-        routing_lost.set()
-        stop.set()
-
-    follower = RoutingFollower(routing, settings, on_failure=on_routing_lost)
+    stopping = _Stopping()
+    routing = RoutingTable(InstanceInfo.of(settings))
+    follower = RoutingFollower(routing, settings, on_failure=stopping.on_routing_lost)
     dataflow_done = threading.Event()
     runtime = CalculatorRuntime(
         settings,
         store,
-        progress,
+        Progress(store.positions()),
         routing,
-        metrics,
+        CalculatorMetrics(),
         dataflow_running=lambda: not dataflow_done.is_set(),
         end_offsets_at_start=end_offsets,
-        health=health,
+        health=_expecting_every_input(settings),
         routing_following=lambda: follower.following,
     )
+    signal.signal(signal.SIGTERM, stopping.on_signal)
+    signal.signal(signal.SIGINT, stopping.on_signal)
+    return _run(runtime, follower, recovery_dir, stopping, dataflow_done)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(130)
-        log.info("%s received: stopping the dataflow", signal.Signals(signum).name)
-        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
+def _run(
+    runtime: CalculatorRuntime,
+    follower: RoutingFollower,
+    recovery_dir: Path,
+    stopping: _Stopping,
+    dataflow_done: threading.Event,
+) -> int:
+    """Follow the routing table, advertise, serve the API and run the dataflow until it
+    stops; then stop the rest and close the store. The exit status."""
+    settings, me = runtime.settings, runtime.routing.me
     server: uvicorn.Server | None = None
     status = 0
     try:
@@ -276,7 +322,14 @@ def main(argv: list[str] | None = None) -> int:
             settings.calculator_port,
             settings.advertised_url,
         )
-        flow = build_dataflow(settings, store, progress, metrics, stop, health)
+        flow = build_dataflow(
+            settings,
+            runtime.store,
+            runtime.progress,
+            runtime.metrics,
+            stopping.requested,
+            runtime.health,
+        )
         cli_main(
             flow,
             workers_per_process=settings.calculator_workers,
@@ -284,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             recovery_config=RecoveryConfig(str(recovery_dir)),
         )
         log.info("dataflow stopped")
-        if routing_lost.is_set():
+        if stopping.routing_lost.is_set():
             status = 1
         else:
             _withdraw(settings, me)
@@ -297,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
             api_thread.join(timeout=10)
         follower.stop()
-        store.close()
+        runtime.store.close()
         log.info("%s stopped", settings.instance_id)
     return status
 

@@ -1,0 +1,237 @@
+"""Forwarding: a GET for a key another instance owns is answered by that owner, and a GET
+for every instance's keys fans out to all of them.
+
+A forwarded GET goes once, with a pooled aiohttp client, to the owner's advertised URL,
+and its answer comes back unchanged. ``X-Served-By`` names the instance that read its
+store; ``X-Forwarded-By`` is set when another instance relayed the request. A request
+that already was forwarded is never forwarded again, so routing disagreements cannot
+loop. Only the path and query go to an instance's advertised URL: never a host taken
+from the request.
+
+Example (in a handler)::
+
+    owner = find_owner(request, runtime, partition)     # or the 503 to answer
+    answer = await ask_owner(request, owner, asked)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import yarl
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from sellable_calculator.read_your_writes import ReadYourWrites
+from sellable_calculator.routing import InstanceInfo
+from sellable_calculator.runtime import CalculatorRuntime, runtime_of
+from sellable_calculator.settings import CalculatorSettings
+from shared_schemas.http import error_response
+
+FORWARDED_BY = "X-Forwarded-By"
+SERVED_BY = "X-Served-By"
+
+
+@dataclass
+class Forwarding:
+    """The pooled clients one app forwards with, and the waits it is relaying right now."""
+
+    client: aiohttp.ClientSession
+    """Ordinary forwarded reads and fan-out."""
+    wait_client: aiohttp.ClientSession
+    """Relayed read-your-writes waits (a pool of their own: :func:`open_forwarding`)."""
+    waits: int = 0
+    """Read-your-writes waits being relayed to owners right now."""
+
+
+@asynccontextmanager
+async def open_forwarding(settings: CalculatorSettings) -> AsyncIterator[Forwarding]:
+    """The pooled clients for forwarding and fan-out, closed on leaving.
+
+    aiohttp rather than httpx: httpx's connection pool degrades to a few hundred requests
+    per second at 32 concurrent requests (encode/httpx#3215), aiohttp keeps up with the
+    server.
+    """
+    # Pooled connections idle for half the owner's keep-alive timeout are dropped
+    # (assuming it runs with the same settings), so none is reused just as the owner
+    # closes it: that would be a 503 blaming a healthy owner.
+    keepalive = settings.http_keep_alive_timeout_seconds / 2
+    # Read-your-writes waits hold their connection for up to the whole wait, so they
+    # get a pool of their own, as large as the most waits relayed at once: they never
+    # queue for a connection, and ordinary reads never queue behind them.
+    ordinary = aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=keepalive)
+    waits = aiohttp.TCPConnector(
+        limit=settings.calculator_max_forwarded_waits,
+        limit_per_host=0,
+        keepalive_timeout=keepalive,
+    )
+    async with (
+        aiohttp.ClientSession(connector=ordinary) as client,
+        aiohttp.ClientSession(connector=waits) as wait_client,
+    ):
+        yield Forwarding(client, wait_client)
+
+
+def forwarding_of(request: Request) -> Forwarding:
+    """The forwarding clients of the app serving ``request`` (opened by its lifespan)."""
+    forwarding: Forwarding = request.app.state.forwarding
+    return forwarding
+
+
+def raw_path(request: Request) -> str:
+    """The request's path exactly as it arrived, still percent-encoded.
+
+    What a forwarded request must carry: the decoded path would be decoded once more by
+    the instance it goes to (``a%2520b`` would become ``a b`` instead of ``a%20b``), and an
+    HTTP client would resolve the dot segments or percent-encode it differently.
+    """
+    raw: bytes | None = request.scope.get("raw_path")
+    if raw is None:
+        return quote(request.url.path)
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:  # raw bytes beyond ASCII: encode them, keep every escape
+        return quote(raw, safe="/%!$&'()*+,;=:@~")
+
+
+def find_owner(
+    request: Request, runtime: CalculatorRuntime, partition: int
+) -> InstanceInfo | JSONResponse:
+    """The instance to forward a GET for ``partition`` to, this instance not owning it;
+    or the 503 to answer when the request was forwarded here already (routing tables
+    disagree: forwarding again could loop) or no instance has advertised the partition."""
+    if FORWARDED_BY in request.headers:
+        return error_response(
+            503,
+            "not_owner",
+            f"{runtime.routing.me.instance_id} does not own partition {partition} "
+            f"(forwarded by {request.headers[FORWARDED_BY]}); routing tables disagree",
+        )
+    owner = runtime.routing.owner(partition)
+    if owner is None:
+        return error_response(
+            503,
+            "owner_unknown",
+            f"no calculator instance has advertised partition {partition}",
+        )
+    return owner
+
+
+async def ask_owner(request: Request, owner: InstanceInfo, asked: ReadYourWrites) -> Response:
+    """``owner``'s answer to this GET: relayed as a wait (:func:`forward_wait`) when it
+    names positions, else forwarded with the ordinary pool and timeout."""
+    if asked.positions:
+        return await forward_wait(request, owner, asked.wait)
+    timeout = runtime_of(request).settings.calculator_forward_timeout_seconds
+    return await forward(request, owner, timeout, forwarding_of(request).client)
+
+
+async def forward(
+    request: Request, owner: InstanceInfo, timeout: float, client: aiohttp.ClientSession
+) -> Response:
+    """``owner``'s answer to this request's path and query, passed through as it came
+    (status, body, content type, ``X-Served-By``); 503 ``owner_unavailable`` when the
+    owner does not answer within ``timeout``."""
+    me = runtime_of(request).routing.me
+    query = request.scope["query_string"]
+    url = owner.url + raw_path(request) + (f"?{query.decode()}" if query else "")
+    try:
+        async with client.get(
+            yarl.URL(url, encoded=True),
+            headers={FORWARDED_BY: me.instance_id},
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as answer:
+            content = await answer.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return error_response(
+            503,
+            "owner_unavailable",
+            f"{owner.instance_id} at {owner.url} owns this key but did not answer: "
+            f"{type(exc).__name__}",
+            headers={FORWARDED_BY: me.instance_id},
+        )
+    headers = {FORWARDED_BY: me.instance_id}
+    if SERVED_BY in answer.headers:
+        headers[SERVED_BY] = answer.headers[SERVED_BY]
+    return Response(content, answer.status, headers, media_type=answer.headers.get("Content-Type"))
+
+
+async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:
+    """Relay a read-your-writes GET, unless ``CALCULATOR_MAX_FORWARDED_WAITS`` are
+    already being relayed: then 503 ``too_many_waits`` with ``Retry-After`` at once,
+    rather than queueing for a connection and answering as if the owner had failed.
+
+    The budget is the wait plus the ordinary forwarding timeout, so an owner that
+    answers 504 at the end of the wait has its 504 passed through.
+    """
+    runtime, forwarding = runtime_of(request), forwarding_of(request)
+    settings = runtime.settings
+    limit = settings.calculator_max_forwarded_waits
+    if forwarding.waits >= limit:
+        runtime.metrics.forwarded_waits_refused.inc()
+        return error_response(
+            503,
+            "too_many_waits",
+            f"{runtime.routing.me.instance_id} is already relaying {limit} read-your-writes "
+            f"waits; retry shortly, or ask {owner.instance_id} at {owner.url} directly",
+            headers={"Retry-After": "1", FORWARDED_BY: runtime.routing.me.instance_id},
+        )
+    forwarding.waits += 1
+    try:
+        budget = settings.calculator_forward_timeout_seconds + wait
+        return await forward(request, owner, budget, forwarding.wait_client)
+    finally:
+        forwarding.waits -= 1
+
+
+class InstanceUnavailable(Exception):
+    """An instance did not answer a fan-out request."""
+
+    def __init__(self, info: InstanceInfo, exc: Exception) -> None:
+        super().__init__(f"{info.instance_id} at {info.url} did not answer: {type(exc).__name__}")
+
+
+async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]] | JSONResponse:
+    """Every other instance's JSON answer to this request's path with ``?scope=local``,
+    or 503 ``instance_unavailable`` naming the first that failed: a partial answer would
+    look complete to the client."""
+    runtime = runtime_of(request)
+    me = runtime.routing.me
+    others = [i for i in runtime.routing.instances() if i.instance_id != me.instance_id]
+    path = raw_path(request)
+    timeout = aiohttp.ClientTimeout(total=runtime.settings.calculator_forward_timeout_seconds)
+    client = forwarding_of(request).client
+    try:
+        return list(
+            await asyncio.gather(
+                *(_local_answer(client, info, path, timeout, me.instance_id) for info in others)
+            )
+        )
+    except InstanceUnavailable as exc:
+        return error_response(503, "instance_unavailable", str(exc))
+
+
+async def _local_answer(
+    client: aiohttp.ClientSession,
+    info: InstanceInfo,
+    path: str,
+    timeout: aiohttp.ClientTimeout,
+    forwarded_by: str,
+) -> tuple[InstanceInfo, Any]:
+    """``info``'s JSON answer to ``path?scope=local``; raises :class:`InstanceUnavailable`."""
+    try:
+        async with client.get(
+            yarl.URL(f"{info.url}{path}?scope=local", encoded=True),
+            headers={FORWARDED_BY: forwarded_by},
+            timeout=timeout,
+            raise_for_status=True,
+        ) as answer:
+            return info, await answer.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise InstanceUnavailable(info, exc) from exc

@@ -1,0 +1,319 @@
+"""Serves sellable inventory from the calculator's stores: one key's count, a location's
+skus, how many keys there are, and the routing table that says which instance owns what.
+
+The GET of one key is an interactive query, as in Kafka Streams' ``MusicPlaysRestService``:
+find the owner of the key; not this instance, forward to it; else read the local store.
+It is the hot path and skips FastAPI where that costs (the query read by hand, the JSON
+written directly). The GETs over many keys read this store and ask every other instance
+for theirs. A handler's docstring is its operation's description in the OpenAPI
+document (FastAPI publishes it), so it speaks to clients.
+
+Example::
+
+    add_sellable_route(app.router, settings.calculator_max_wait_seconds)
+    app.include_router(router)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from sellable_calculator.forwarding import SERVED_BY, ask_owner, fan_out, find_owner
+from sellable_calculator.read_your_writes import (
+    first_not_applied,
+    get_query_parameters,
+    read_your_writes_query,
+)
+from sellable_calculator.routing import InstanceInfo
+from sellable_calculator.runtime import CalculatorRuntime, runtime_of
+from sellable_calculator.store import Sellable
+from shared_schemas.http import (
+    LocationPath,
+    SkuPath,
+    error_doc,
+    error_response,
+    invalid_id_response,
+)
+from shared_schemas.partitioner import key_and_partition
+from shared_schemas.positions import Position
+
+
+class SellableInventory(BaseModel):
+    """The sellable count of one sku at one location (the original example's JSON)."""
+
+    locationId: str = Field(examples=["STL"])
+    sku: str = Field(examples=["123123"])
+    count: int = Field(description="Sellable: on hand minus reserved.", examples=[90])
+
+
+class LocationInventory(BaseModel):
+    """Every sku of one location."""
+
+    locationId: str = Field(examples=["STL"])
+    skus: list[SellableInventory]
+    instances: list[str] = Field(description="Instances whose stores were read.")
+
+
+class InstanceView(BaseModel):
+    """One calculator instance of the routing table."""
+
+    instanceId: str = Field(examples=["calculator-0"])
+    url: str = Field(examples=["http://127.0.0.1:9094"])
+    partitions: list[int] = Field(examples=[[0, 2, 4]])
+    self: bool = Field(description="Whether this is the instance that answered.")
+
+
+class Metadata(BaseModel):
+    """The routing table."""
+
+    partitionCount: int
+    instances: list[InstanceView]
+    unownedPartitions: list[int]
+
+
+class KeyMetadata(BaseModel):
+    """Where one key lives."""
+
+    locationId: str
+    sku: str
+    partition: int
+    owner: InstanceView | None
+
+
+class NotCaughtUp(BaseModel):
+    """The 504 of a read-your-writes GET: the position was not applied within the wait."""
+
+    error: str = Field(examples=["not_caught_up"])
+    message: str = Field(examples=["calculator-0 has not applied ... within 5 s"])
+    position: str = Field(description="The position waited for.")
+    reached: str | None = Field(
+        description="The last position of that topic partition the owner has applied, if any."
+    )
+
+
+class KeyCount(BaseModel):
+    """How many keys the instances hold."""
+
+    count: int
+    instances: dict[str, int] = Field(description="Keys per instance consulted.")
+
+
+Scope = Annotated[Literal["all", "local"], Query(description="`local`: this store only.")]
+"""Whether a GET over many keys asks every instance (``all``) or this store only."""
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # Plain json.dumps: the hot GET path skips FastAPI's response-model machinery.
+    return Response(json.dumps(body), status, headers, media_type="application/json")
+
+
+def _view(info: InstanceInfo, me: InstanceInfo) -> InstanceView:
+    return InstanceView(
+        instanceId=info.instance_id,
+        url=info.url,
+        partitions=list(info.partitions),
+        self=info.instance_id == me.instance_id,
+    )
+
+
+def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
+    """Add the GET of one key's sellable count (:func:`get_sellable`) to ``app_router``,
+    its ``timeout`` documented with the instance's ``max_wait`` as maximum.
+
+    To the app's own router (``app.router``), not through ``include_router``: FastAPI
+    (0.165) matches a request to an included router's route through a wrapper, some 90
+    Python calls more per request, on the hottest path.
+    """
+    app_router.get(
+        "/inventory/locations/{location}/skus/{sku}",
+        response_model=SellableInventory,
+        summary="Sellable inventory of one sku at one location",
+        responses={
+            404: error_doc("No adjustment for this key yet"),
+            409: error_doc(
+                "A `position` in another partition than the key's (`position_elsewhere`): "
+                "which partition a key lives in depends on the deployment's partition count"
+            ),
+            422: error_doc("An id breaks the id rule, or a bad `position` or `timeout`"),
+            503: error_doc(
+                "The owning instance is unknown (`owner_unknown`), unreachable "
+                "(`owner_unavailable`) or does not own the key after all (`not_owner`), or "
+                "too many read-your-writes waits are being relayed already "
+                "(`too_many_waits`, with `Retry-After`)"
+            ),
+            504: {
+                "model": NotCaughtUp,
+                "description": "The owner did not apply `position` within the wait "
+                "(`not_caught_up`)",
+            },
+        },
+        # The query parameters are read by hand (the hot path skips FastAPI's parameter
+        # machinery); they are declared here so /docs still shows them.
+        openapi_extra={"parameters": get_query_parameters(max_wait)},
+    )(get_sellable)
+
+
+async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
+    """One key's sellable count, from the store of the instance that owns the key: this
+    one, or the owner it forwards the request to. With `position`, answered once that
+    store has applied it."""
+    started = time.perf_counter()
+    invalid = invalid_id_response(location, sku)
+    if invalid is not None:
+        return invalid
+    runtime = runtime_of(request)
+    key, partition = key_and_partition(location, sku, runtime.settings.topic_partitions)
+    asked = read_your_writes_query(request, runtime.settings, location, sku, partition)
+    if isinstance(asked, Response):
+        return asked
+    if partition not in runtime.owned:  # not mine: the owner answers
+        owner = find_owner(request, runtime, partition)
+        if isinstance(owner, Response):
+            return owner
+        answer = await ask_owner(request, owner, asked)
+        runtime.metrics.forwarded_get_seconds.observe(time.perf_counter() - started)
+        return answer
+    # Mine: read the local store, once it has applied what the client wrote.
+    missed = await first_not_applied(runtime.progress, asked) if asked.positions else None
+    if missed is not None:
+        return not_caught_up(runtime, missed, asked.wait)
+    value = runtime.store.get(key)
+    runtime.metrics.local_get_seconds.observe(time.perf_counter() - started)
+    return sellable_answer(runtime.routing.me, location, sku, value)
+
+
+def sellable_answer(me: InstanceInfo, location: str, sku: str, value: Sellable | None) -> Response:
+    """200 with the count this store holds for the key, or 404 when it holds none."""
+    if value is None:
+        return error_response(
+            404,
+            "not_found",
+            f"no sellable inventory for location {location!r}, sku {sku!r}",
+            headers={SERVED_BY: me.instance_id},
+        )
+    return _json(
+        {"locationId": location, "sku": sku, "count": value.count},
+        headers={SERVED_BY: me.instance_id},
+    )
+
+
+def not_caught_up(runtime: CalculatorRuntime, position: Position, wait: float) -> Response:
+    """504: this store had not applied ``position`` within ``wait`` seconds."""
+    me = runtime.routing.me
+    applied = runtime.progress.reached(position.topic, position.partition)
+    reached = Position(position.topic, position.partition, applied - 1) if applied else None
+    return _json(
+        {
+            "error": "not_caught_up",
+            "message": f"{me.instance_id} has not applied {position} within {wait:g} s",
+            "position": str(position),
+            "reached": None if reached is None else str(reached),
+        },
+        504,
+        {SERVED_BY: me.instance_id},
+    )
+
+
+router = APIRouter()
+"""Every route but :func:`add_sellable_route`'s: those over many keys, and the routing table."""
+INSTANCE_UNAVAILABLE = error_doc("Another instance did not answer (`instance_unavailable`)")
+"""The 503 of a GET that asks every instance (:func:`fan_out`)."""
+
+
+@router.get(
+    "/inventory/locations/{location}/skus",
+    response_model=LocationInventory,
+    summary="Every sku of a location, from every instance",
+    responses={
+        422: error_doc("The location breaks the id rule, or a bad scope"),
+        503: INSTANCE_UNAVAILABLE,
+    },
+)
+async def list_location(location: LocationPath, request: Request, scope: Scope = "all") -> Response:
+    """Every sku of the location with its sellable count: from this instance's store
+    and, unless `scope` is `local`, from every other instance's."""
+    invalid = invalid_id_response(location)
+    if invalid is not None:
+        return invalid
+    runtime = runtime_of(request)
+    # A scan over RocksDB: off the event loop, so that it does not hold up other requests.
+    local = await asyncio.to_thread(lambda: list(runtime.store.location(location, runtime.owns)))
+    skus = [{"locationId": location, "sku": sku, "count": value.count} for sku, value in local]
+    consulted = [runtime.routing.me.instance_id]
+    if scope == "all":
+        answers = await fan_out(request)
+        if isinstance(answers, Response):
+            return answers
+        for info, body in answers:
+            skus.extend(body["skus"])
+            consulted.append(info.instance_id)
+    skus.sort(key=lambda item: item["sku"])
+    return _json({"locationId": location, "skus": skus, "instances": consulted})
+
+
+@router.get(
+    "/inventory/count",
+    response_model=KeyCount,
+    summary="How many keys the instances hold",
+    responses={
+        422: error_doc("A bad scope"),
+        503: INSTANCE_UNAVAILABLE,
+    },
+)
+async def count(request: Request, scope: Scope = "all") -> Response:
+    """How many keys this instance's store holds and, unless `scope` is `local`, every
+    other instance's: per instance and in total."""
+    runtime = runtime_of(request)
+    counts = {
+        runtime.routing.me.instance_id: await asyncio.to_thread(runtime.store.count, runtime.owns)
+    }
+    if scope == "all":
+        answers = await fan_out(request)
+        if isinstance(answers, Response):
+            return answers
+        for info, body in answers:
+            counts[info.instance_id] = body["count"]
+    return _json({"count": sum(counts.values()), "instances": counts})
+
+
+@router.get("/metadata", response_model=Metadata, summary="The routing table")
+async def metadata(request: Request) -> Metadata:
+    """Every instance this one knows, the partitions each owns, and those nobody owns."""
+    runtime = runtime_of(request)
+    routing, partitions = runtime.routing, runtime.settings.topic_partitions
+    return Metadata(
+        partitionCount=partitions,
+        instances=[_view(i, routing.me) for i in routing.instances()],
+        unownedPartitions=[p for p in range(partitions) if routing.owner(p) is None],
+    )
+
+
+@router.get(
+    "/metadata/locations/{location}/skus/{sku}",
+    response_model=KeyMetadata,
+    summary="Which partition and instance own one key",
+    responses={422: error_doc("An id breaks the id rule")},
+)
+async def key_metadata(
+    location: LocationPath, sku: SkuPath, request: Request
+) -> KeyMetadata | Response:
+    """The key's partition and the instance that owns it (`null` while nobody does)."""
+    invalid = invalid_id_response(location, sku)
+    if invalid is not None:
+        return invalid
+    runtime = runtime_of(request)
+    _, partition = key_and_partition(location, sku, runtime.settings.topic_partitions)
+    owner = runtime.routing.owner(partition)
+    return KeyMetadata(
+        locationId=location,
+        sku=sku,
+        partition=partition,
+        owner=None if owner is None else _view(owner, runtime.routing.me),
+    )

@@ -1,0 +1,87 @@
+"""What a calculator instance's REST API shares with the dataflow of the same process.
+
+Example::
+
+    runtime = CalculatorRuntime(settings, store, progress, routing, metrics)
+    app = create_app(runtime)                # app.state.runtime is this runtime
+    runtime_of(request).store.get(key)       # in a handler
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+
+from sellable_calculator.health import DataflowHealth
+from sellable_calculator.metrics import CalculatorMetrics
+from sellable_calculator.progress import Progress
+from sellable_calculator.routing import RoutingTable
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import SellableStore
+from shared_schemas.partitioner import partition_for
+
+
+@dataclass
+class CalculatorRuntime:
+    """What the API shares with the dataflow of the same process."""
+
+    settings: CalculatorSettings
+    store: SellableStore
+    progress: Progress
+    routing: RoutingTable
+    metrics: CalculatorMetrics
+    dataflow_running: Callable[[], bool] = lambda: True
+    end_offsets_at_start: dict[tuple[str, int], int] = field(default_factory=dict)
+    """Input end offsets seen at start; the instance is ready once it has applied them."""
+    health: DataflowHealth = field(default_factory=DataflowHealth)
+    """Whether the dataflow can read its input, and which partitions still replay."""
+    routing_following: Callable[[], bool] = lambda: True
+    """Whether the routing table is still kept current (:attr:`RoutingFollower.following`)."""
+    owned: frozenset[int] = field(init=False, repr=False)
+    """This instance's partitions, as a set: every inventory GET asks whether it owns one."""
+
+    def __post_init__(self) -> None:
+        self.owned = frozenset(self.routing.me.partitions)
+
+    def owns(self, key: bytes) -> bool:
+        """Whether this instance owns the partition of ``key`` (in every input topic)."""
+        return partition_for(key, self.settings.topic_partitions) in self.routing.me.partitions
+
+    async def readiness(self) -> dict[str, Any]:
+        """The facts ``/health/ready`` reports; ``ready`` only when all of them are good.
+
+        A coroutine because that is what :func:`shared_schemas.http.operations_router`
+        awaits.
+        """
+        behind = {
+            f"{topic}:{partition}": end - self.progress.reached(topic, partition)
+            for (topic, partition), end in self.end_offsets_at_start.items()
+            if self.progress.reached(topic, partition) < end
+        }
+        running = self.dataflow_running()
+        input_problems = self.health.problems()
+        replaying = self.health.replaying()
+        routing = self.routing_following()
+        return {
+            "ready": running and routing and not behind and not input_problems and not replaying,
+            "instance": self.routing.me.instance_id,
+            "dataflowRunning": running,
+            "routingFollowing": routing,
+            "behind": behind,
+            "inputProblems": input_problems,
+            "replaying": replaying,
+        }
+
+
+def runtime_of(request: Request) -> CalculatorRuntime:
+    """The runtime of the app serving ``request`` (:func:`sellable_calculator.app.create_app`).
+
+    Not a FastAPI dependency: resolving one costs measurable time on a GET this hot. And
+    item access, not ``state.runtime``: Starlette's ``State`` answers that only after a
+    failed attribute lookup, about 0.6 µs more per request.
+    """
+    runtime: CalculatorRuntime = request.app.state["runtime"]
+    return runtime
