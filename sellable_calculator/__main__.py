@@ -29,7 +29,6 @@ import uvicorn
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from pydantic import ValidationError
 
 from sellable_calculator.app import create_app
 from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
@@ -46,9 +45,12 @@ from sellable_calculator.routing import (
 from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.http import configure_logging
-from shared_schemas.server import server_config, start_in_thread, tune_gc_for_serving
-from shared_schemas.settings import unknown_settings
+from shared_schemas.server import (
+    load_settings,
+    server_config,
+    start_in_thread,
+    tune_gc_for_serving,
+)
 from shared_schemas.topics import (
     TopicAdminError,
     TopicMismatchError,
@@ -206,26 +208,21 @@ class _Stopping:
 
 
 def _settings(argv: list[str] | None) -> CalculatorSettings | None:
-    """The settings from the environment and the command line; None (said on stderr)
-    when they are invalid."""
+    """The settings from the environment and the command line, logging set up at their
+    level; None (said on stderr) when they are invalid."""
     args = _parse_args(argv)
     overrides = {
         "calculator_workers": args.workers,
         "calculator_instance_index": args.index,
         "calculator_port": args.port,
     }
-    try:
-        return CalculatorSettings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        print(f"error: invalid settings: {exc}", file=sys.stderr)
-        return None
+    return load_settings(
+        CalculatorSettings, **{k: v for k, v in overrides.items() if v is not None}
+    )
 
 
 def _configure_process(settings: CalculatorSettings) -> None:
-    """Logging, the GIL switch interval, and the start-up log line."""
-    configure_logging(settings.log_level)
-    for warning in unknown_settings(CalculatorSettings):
-        log.warning("%s", warning)
+    """The GIL switch interval, and the start-up log line."""
     # The dataflow and the REST API share one interpreter: a shorter switch interval
     # hands the GIL to a waiting request sooner (the default is 5 ms).
     sys.setswitchinterval(0.0005)
