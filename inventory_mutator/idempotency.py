@@ -48,11 +48,16 @@ class IdempotencyCache(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _evict(self, now: float) -> None:
+    def _expire(self, now: float) -> None:
         while self._entries:
             oldest = next(iter(self._entries.values()))
-            if oldest.expires > now and len(self._entries) < self._max_keys:
+            if oldest.expires > now:
                 break
+            self._entries.popitem(last=False)
+
+    def _make_room(self) -> None:
+        # Only a new key makes room: a retry that finds its key evicts nothing.
+        while len(self._entries) >= self._max_keys:
             self._entries.popitem(last=False)
 
     async def run(self, key: str, fingerprint: str, action: Callable[[], Awaitable[T]]) -> T:
@@ -62,7 +67,7 @@ class IdempotencyCache(Generic[T]):
         differs from the first request's.
         """
         now = time.monotonic()
-        self._evict(now)
+        self._expire(now)
         entry = self._entries.get(key)
         if entry is not None:
             if entry.fingerprint != fingerprint:
@@ -70,6 +75,7 @@ class IdempotencyCache(Generic[T]):
                     "this Idempotency-Key was already used for a different request"
                 )
             return await asyncio.shield(entry.future)
+        self._make_room()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._entries[key] = _Entry(fingerprint, future, now + self._window)
         try:

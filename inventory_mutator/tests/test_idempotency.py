@@ -146,7 +146,10 @@ def test_beyond_max_keys_the_oldest_key_is_forgotten_first() -> None:
         for key in ("a", "b", "c", "d"):
             await cache.run(key, "f", action)
         assert len(cache) == 3
-        assert await cache.run("d", "f", action) == "answer-4"  # the newest is kept
+        # A full cache: retries of every remembered key are answered, evicting nothing.
+        for key, answer in (("b", "answer-2"), ("c", "answer-3"), ("d", "answer-4")):
+            assert await cache.run(key, "f", action) == answer
+        assert action.runs == 4
         assert await cache.run("a", "f", action) == "answer-5"  # the oldest went for d
         assert action.runs == 5
 
