@@ -3,10 +3,12 @@
     .venv/bin/python -m benchmarks.service_sink [--records 200000] [--skus-per-location 100]
         [--commitlog-sync batch|periodic|both]
 
-Fills a fresh topic with distinct keys (so every record is one row to write), starts
-the service, and measures rows written per second from its first row written to its
-last, by the rows' own write timestamps in Cassandra. A raw confluent-kafka consume of
-the same topic runs first, in the same run, as the baseline.
+Fills a fresh topic with distinct keys (so every record is one row to write), runs the
+service's writer (``SellableWriter``: its consumer and its Cassandra writes, in this
+process so that the records themselves can be timed), and measures rows per second from
+its first consumed batch to the end of its last write. A raw confluent-kafka consume of
+the same topic, timed from its first batch to its last, runs first in the same run as
+the baseline.
 The issue's target: >= 20,000 records/s.
 
 ``--commitlog-sync`` picks how the embedded Cassandra syncs its commit log: ``batch``
@@ -26,14 +28,15 @@ import uuid
 from contextlib import ExitStack
 from typing import get_args
 
-import httpx
-from cassandra.query import SimpleStatement
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from benchmarks import infra
 from local_stack.cassandra import CommitlogSync, external_cassandra
-from local_stack.process import free_port
+from sellable_service.metrics import ServiceMetrics
+from sellable_service.settings import ServiceSettings
+from sellable_service.store import SellableTable
+from sellable_service.writer import Batch, SellableWriter, Upsert
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY
 from shared_schemas.topics import TopicSpec, ensure_topics
@@ -41,54 +44,57 @@ from shared_schemas.topics import TopicSpec, ensure_topics
 PARTITIONS = 6
 
 
-def _metric(client: httpx.Client, url: str, name: str) -> float:
-    for line in client.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+class _TimedWriter(SellableWriter):
+    """The service's writer, noting when its first consumed batch was decoded and when
+    its last write ended: the records' own interval, not a poll's."""
+
+    first_decoded: float | None = None
+    last_written: float = 0.0
+    rows: int = 0
+
+    def decode(self, messages: list[Message]) -> Batch:
+        if self.first_decoded is None:
+            self.first_decoded = time.perf_counter()
+        return super().decode(messages)
+
+    def write(self, upserts: list[Upsert]) -> None:
+        super().write(upserts)
+        self.last_written, self.rows = time.perf_counter(), self.rows + len(upserts)
 
 
 def _drain(bootstrap: str, topic: str, records: int, commitlog_sync: CommitlogSync) -> float:
-    """Rows/s the service writes while draining ``topic`` into a fresh Cassandra (and
-    keyspace), from its first row written to its last.
-
-    The interval comes from the rows themselves (Cassandra's write timestamps), not from
-    polling the service's metrics: a small topic is written before the first poll.
-    """
-    keyspace = f"bench_{uuid.uuid4().hex[:8]}"
+    """Rows/s the service's writer (its consumer and Cassandra writes, in this process)
+    drains ``topic`` into a fresh Cassandra (and keyspace) with, from the moment its first
+    batch is consumed to the end of its last write."""
     with ExitStack() as stack:
         endpoint = infra.cassandra(stack, commitlog_sync)
-        port = free_port()
-        service = infra.sellable_service(
-            stack,
-            bootstrap,
-            endpoint,
-            port,
-            SERVICE_TOPIC=topic,
-            SERVICE_CONSUMER_GROUP=f"bench-{topic}-{commitlog_sync}",
-            CASSANDRA_KEYSPACE=keyspace,
+        settings = ServiceSettings(
+            kafka_bootstrap_servers=bootstrap,
+            cassandra_contact_points=",".join(endpoint.contact_points),
+            cassandra_port=endpoint.port,
+            cassandra_protocol_version=endpoint.protocol_version,
+            cassandra_keyspace=f"bench_{uuid.uuid4().hex[:8]}",
+            service_topic=topic,
+            service_consumer_group=f"bench-{topic}-{commitlog_sync}",
+            topic_partitions=PARTITIONS,
         )
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(timeout=5) as client:
-            service.wait_ready(lambda: client.get(url + "/health/live").status_code == 200, 60)
-            deadline = time.monotonic() + 600
-            while (written := _metric(client, url, "service_rows_written_total")) < records:
-                if time.monotonic() > deadline:
-                    sys.exit("error: the service did not drain the topic within 10 minutes")
-                print(f"\r  written {written:,.0f}/{records:,}", end="", flush=True)
-                time.sleep(0.2)
-        print(f"\r  written {records:,}/{records:,}")
-        session = infra.cassandra_session(stack, endpoint)
-        rows = session.execute(
-            SimpleStatement(
-                f"SELECT writetime(count) FROM {keyspace}.sellable_inventory", fetch_size=10_000
-            )
-        )
-        times = [row[0] for row in rows]
-    if len(times) != records:
-        sys.exit(f"error: {len(times):,} rows in Cassandra, {records:,} expected")
-    span = (max(times) - min(times)) / 1e6  # microseconds
-    return (records - 1) / max(span, 1e-6)
+        table = SellableTable(settings)
+        table.start()
+        stack.callback(table.close)
+        if not table.wait_connected(60):
+            sys.exit("error: Cassandra did not accept a session within 60 s")
+        writer = _TimedWriter(settings, table, ServiceMetrics())
+        writer.start()
+        stack.callback(writer.stop)
+        deadline = time.monotonic() + 600
+        while writer.rows < records:
+            if time.monotonic() > deadline:
+                sys.exit("error: the writer did not drain the topic within 10 minutes")
+            print(f"\r  written {writer.rows:,}/{records:,}", end="", flush=True)
+            time.sleep(0.2)
+        print(f"\r  written {writer.rows:,}/{records:,}")
+        assert writer.first_decoded is not None
+        return records / (writer.last_written - writer.first_decoded)
 
 
 def main() -> None:
@@ -143,9 +149,14 @@ def main() -> None:
             {"bootstrap.servers": bootstrap, "group.id": "raw", "enable.auto.commit": False}
         )
         consumer.assign([TopicPartition(topic.name, p, 0) for p in range(PARTITIONS)])
-        seen, started = 0, time.perf_counter()
+        # Timed, like the writer, from the first batch received (not from connecting).
+        seen, started = 0, None
         while seen < args.records:
-            seen += sum(1 for m in consumer.consume(10_000, 1.0) if m.error() is None)
+            batch = [m for m in consumer.consume(10_000, 1.0) if m.error() is None]
+            if batch and started is None:
+                started = time.perf_counter()
+            seen += len(batch)
+        assert started is not None
         baseline = args.records / (time.perf_counter() - started)
         consumer.close()
 

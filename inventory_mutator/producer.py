@@ -11,7 +11,7 @@ Example::
     await producer.aclose(3.0)                  # flush with a deadline, answer the rest
 
 librdkafka delivers acknowledgements through callbacks that run inside ``poll()``. Here
-the event loop itself calls ``poll(0)`` (which never waits) every half millisecond while
+the event loop itself calls ``poll(0)`` (which never waits) every millisecond while
 records are in flight, and not at all when none are: the callbacks then resolve their
 futures on the loop's own thread. A background polling thread would cost a thread switch
 and a fight for the GIL per acknowledgement, which at a few thousand requests a second
@@ -60,8 +60,10 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL_SECONDS = 0.0005
-"""How often the loop collects acknowledgements while records are in flight."""
+POLL_INTERVAL_SECONDS = 0.001
+"""How often the loop collects acknowledgements while records are in flight. Not less:
+uvloop's timers count whole milliseconds, and a shorter delay fires at once, turning the
+poll into a busy loop that takes the CPU from the broker on a small machine."""
 
 CHECK_INTERVAL_SECONDS = 1.0
 """How often a session not known to work is checked against the broker again."""

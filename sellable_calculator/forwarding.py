@@ -1,7 +1,8 @@
 """Forwarding: a GET for a key another instance owns is answered by that owner, and a GET
 for every instance's keys fans out to all of them.
 
-A forwarded GET goes once, with a pooled aiohttp client, to the owner's advertised URL,
+A forwarded GET goes once, with a pooled client (:mod:`sellable_calculator.owner_client`),
+to the owner's advertised URL,
 and its answer comes back unchanged. ``X-Served-By`` names the instance that read its
 store; ``X-Forwarded-By`` is set when another instance relayed the request. A request
 that already was forwarded is never forwarded again, so routing disagreements cannot
@@ -17,17 +18,17 @@ Example (in a handler)::
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-import yarl
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from sellable_calculator.owner_client import OwnerClient
 from sellable_calculator.read_your_writes import ReadYourWrites
 from sellable_calculator.routing import InstanceInfo
 from sellable_calculator.runtime import CalculatorRuntime, runtime_of
@@ -42,9 +43,9 @@ SERVED_BY = "X-Served-By"
 class Forwarding:
     """The pooled clients one app forwards with, and the waits it is relaying right now."""
 
-    client: aiohttp.ClientSession
+    client: OwnerClient
     """Ordinary forwarded reads and fan-out."""
-    wait_client: aiohttp.ClientSession
+    wait_client: OwnerClient
     """Relayed read-your-writes waits (a pool of their own: :func:`open_forwarding`)."""
     waits: int = 0
     """Read-your-writes waits being relayed to owners right now."""
@@ -52,30 +53,21 @@ class Forwarding:
 
 @asynccontextmanager
 async def open_forwarding(settings: CalculatorSettings) -> AsyncIterator[Forwarding]:
-    """The pooled clients for forwarding and fan-out, closed on leaving.
-
-    aiohttp rather than httpx: httpx's connection pool degrades to a few hundred requests
-    per second at 32 concurrent requests (encode/httpx#3215), aiohttp keeps up with the
-    server.
-    """
+    """The pooled clients for forwarding and fan-out, closed on leaving."""
     # Pooled connections idle for half the owner's keep-alive timeout are dropped
     # (assuming it runs with the same settings), so none is reused just as the owner
     # closes it: that would be a 503 blaming a healthy owner.
-    keepalive = settings.http_keep_alive_timeout_seconds / 2
+    idle_timeout = settings.http_keep_alive_timeout_seconds / 2
     # Read-your-writes waits hold their connection for up to the whole wait, so they
     # get a pool of their own, as large as the most waits relayed at once: they never
     # queue for a connection, and ordinary reads never queue behind them.
-    ordinary = aiohttp.TCPConnector(limit=200, limit_per_host=100, keepalive_timeout=keepalive)
-    waits = aiohttp.TCPConnector(
-        limit=settings.calculator_max_forwarded_waits,
-        limit_per_host=0,
-        keepalive_timeout=keepalive,
-    )
-    async with (
-        aiohttp.ClientSession(connector=ordinary) as client,
-        aiohttp.ClientSession(connector=waits) as wait_client,
-    ):
+    client = OwnerClient(max_per_owner=100, idle_timeout=idle_timeout)
+    wait_client = OwnerClient(settings.calculator_max_forwarded_waits, idle_timeout)
+    try:
         yield Forwarding(client, wait_client)
+    finally:
+        await client.close()
+        await wait_client.close()
 
 
 def forwarding_of(request: Request) -> Forwarding:
@@ -84,20 +76,19 @@ def forwarding_of(request: Request) -> Forwarding:
     return forwarding
 
 
-def raw_path(request: Request) -> str:
-    """The request's path exactly as it arrived, still percent-encoded.
+def request_target(request: Request, query: bytes | None = None) -> bytes:
+    """The request's path and query (or ``query`` instead) exactly as they arrived, still
+    percent-encoded.
 
     What a forwarded request must carry: the decoded path would be decoded once more by
     the instance it goes to (``a%2520b`` would become ``a b`` instead of ``a%20b``), and an
     HTTP client would resolve the dot segments or percent-encode it differently.
     """
-    raw: bytes | None = request.scope.get("raw_path")
-    if raw is None:
-        return quote(request.url.path)
-    try:
-        return raw.decode("ascii")
-    except UnicodeDecodeError:  # raw bytes beyond ASCII: encode them, keep every escape
-        return quote(raw, safe="/%!$&'()*+,;=:@~")
+    scope = request.scope
+    path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
+    if query is None:
+        query = scope["query_string"]
+    return path + b"?" + query if query else path
 
 
 def find_owner(
@@ -133,22 +124,15 @@ async def ask_owner(request: Request, owner: InstanceInfo, asked: ReadYourWrites
 
 
 async def forward(
-    request: Request, owner: InstanceInfo, timeout: float, client: aiohttp.ClientSession
+    request: Request, owner: InstanceInfo, timeout: float, client: OwnerClient
 ) -> Response:
     """``owner``'s answer to this request's path and query, passed through as it came
     (status, body, content type, ``X-Served-By``); 503 ``owner_unavailable`` when the
     owner does not answer within ``timeout``."""
     me = runtime_of(request).routing.me
-    query = request.scope["query_string"]
-    url = owner.url + raw_path(request) + (f"?{query.decode()}" if query else "")
     try:
-        async with client.get(
-            yarl.URL(url, encoded=True),
-            headers={FORWARDED_BY: me.instance_id},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as answer:
-            content = await answer.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
+        answer = await client.get(owner.url, request_target(request), me.instance_id, timeout)
+    except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a URL that is not http
         return error_response(
             503,
             "owner_unavailable",
@@ -157,9 +141,10 @@ async def forward(
             headers={FORWARDED_BY: me.instance_id},
         )
     headers = {FORWARDED_BY: me.instance_id}
-    if SERVED_BY in answer.headers:
-        headers[SERVED_BY] = answer.headers[SERVED_BY]
-    return Response(content, answer.status, headers, media_type=answer.headers.get("Content-Type"))
+    served_by = answer.headers.get("x-served-by")
+    if served_by is not None:
+        headers[SERVED_BY] = served_by
+    return Response(answer.body, answer.status, headers, answer.headers.get("content-type"))
 
 
 async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:
@@ -204,13 +189,13 @@ async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]] | JSONResp
     runtime = runtime_of(request)
     me = runtime.routing.me
     others = [i for i in runtime.routing.instances() if i.instance_id != me.instance_id]
-    path = raw_path(request)
-    timeout = aiohttp.ClientTimeout(total=runtime.settings.calculator_forward_timeout_seconds)
+    target = request_target(request, b"scope=local")
+    timeout = runtime.settings.calculator_forward_timeout_seconds
     client = forwarding_of(request).client
     try:
         return list(
             await asyncio.gather(
-                *(_local_answer(client, info, path, timeout, me.instance_id) for info in others)
+                *(_local_answer(client, info, target, timeout, me.instance_id) for info in others)
             )
         )
     except InstanceUnavailable as exc:
@@ -218,20 +203,13 @@ async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]] | JSONResp
 
 
 async def _local_answer(
-    client: aiohttp.ClientSession,
-    info: InstanceInfo,
-    path: str,
-    timeout: aiohttp.ClientTimeout,
-    forwarded_by: str,
+    client: OwnerClient, info: InstanceInfo, target: bytes, timeout: float, forwarded_by: str
 ) -> tuple[InstanceInfo, Any]:
-    """``info``'s JSON answer to ``path?scope=local``; raises :class:`InstanceUnavailable`."""
+    """``info``'s JSON answer to ``target``; raises :class:`InstanceUnavailable`."""
     try:
-        async with client.get(
-            yarl.URL(f"{info.url}{path}?scope=local", encoded=True),
-            headers={FORWARDED_BY: forwarded_by},
-            timeout=timeout,
-            raise_for_status=True,
-        ) as answer:
-            return info, await answer.json()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        answer = await client.get(info.url, target, forwarded_by, timeout)
+        if answer.status != 200:
+            raise ValueError(f"status {answer.status}")
+        return info, json.loads(answer.body)
+    except (OSError, TimeoutError, ValueError) as exc:
         raise InstanceUnavailable(info, exc) from exc

@@ -33,8 +33,6 @@ LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 def configure_logging(level: str = "INFO") -> None:
     """Plain one-line logs on stderr, the same format in every service."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, force=True)
-    # One line per forwarded or fanned-out request would drown everything else.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class ErrorDetail(BaseModel):
