@@ -40,6 +40,7 @@ from shared_schemas.http import (
     error_doc,
     error_response,
     invalid_id_response,
+    key_path_parameters,
 )
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
@@ -154,17 +155,18 @@ def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
                 "(`not_caught_up`)",
             },
         },
-        # The query parameters are read by hand (the hot path skips FastAPI's parameter
-        # machinery); they are declared here so /docs still shows them.
-        openapi_extra={"parameters": get_query_parameters(max_wait)},
+        # The path and query parameters are read by hand (the hot path skips FastAPI's
+        # parameter machinery); they are declared here so /docs still shows them.
+        openapi_extra={"parameters": key_path_parameters() + get_query_parameters(max_wait)},
     )(get_sellable)
 
 
-async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
+async def get_sellable(request: Request) -> Response:
     """One key's sellable count, from the store of the instance that owns the key: this
     one, or the owner it forwards the request to. With `position`, answered once that
     store has applied it."""
     started = time.perf_counter()
+    location, sku = request.path_params["location"], request.path_params["sku"]
     invalid = invalid_id_response(location, sku)
     if invalid is not None:
         return invalid

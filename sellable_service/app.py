@@ -33,11 +33,11 @@ from sellable_service.store import CassandraUnavailable, SellableTable
 from sellable_service.writer import SellableWriter, WriterHealth
 from shared_schemas.http import (
     LocationPath,
-    SkuPath,
     error_doc,
     error_response,
     install_error_handlers,
     invalid_id_response,
+    key_path_parameters,
     operations_router,
     unknown_query_parameters,
 )
@@ -152,8 +152,11 @@ def create_app(
             422: error_doc("An id breaks the id rule, or a query parameter was given"),
             503: error_doc("Cassandra down"),
         },
+        # Read by hand: the hot path skips FastAPI's parameter machinery.
+        openapi_extra={"parameters": key_path_parameters()},
     )
-    async def get_sellable(location: LocationPath, sku: SkuPath, request: Request) -> Response:
+    async def get_sellable(request: Request) -> Response:
+        location, sku = request.path_params["location"], request.path_params["sku"]
         # No query parameters at all: `?position=` (the calculator's read-your-writes)
         # must not look as if it had been honoured.
         if request.scope["query_string"] and (names := request.query_params.keys()):

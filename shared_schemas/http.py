@@ -82,6 +82,27 @@ SkuPath = Annotated[
 """A ``{sku}`` path parameter, documented with the id rule."""
 
 
+def key_path_parameters() -> list[dict[str, Any]]:
+    """The OpenAPI declaration of ``{location}`` and ``{sku}``, for a hot-path handler that
+    reads them from ``request.path_params`` (FastAPI's parameter machinery costs about a
+    tenth of a plain GET's time): pass as ``openapi_extra={"parameters": ...}``. The same
+    as what :data:`LocationPath` and :data:`SkuPath` produce."""
+    parameters = []
+    for name in ("location", "sku"):
+        description = f"{name.capitalize()} id: {ID_DESCRIPTION}"
+        schema = {**ID_JSON_SCHEMA, "description": description, "title": name.capitalize()}
+        parameters.append(
+            {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": schema,
+                "description": description,
+            }
+        )
+    return parameters
+
+
 def invalid_id_response(location: str, sku: str | None = None) -> JSONResponse | None:
     """422 naming each path id that breaks the id rule (:mod:`shared_schemas.ids`), or None.
 
