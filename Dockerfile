@@ -8,6 +8,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY shared_schemas ./shared_schemas
+COPY service_runtime ./service_runtime
 COPY inventory_mutator ./inventory_mutator
 COPY sellable_calculator ./sellable_calculator
 COPY sellable_service ./sellable_service

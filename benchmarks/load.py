@@ -40,7 +40,7 @@ from pathlib import Path
 import httpx
 
 from local_stack.process import ManagedProcess, free_port
-from shared_schemas.server import EVENT_LOOP, HTTP_IMPLEMENTATION
+from service_runtime.server import EVENT_LOOP, HTTP_IMPLEMENTATION
 
 _LUA_REPORT = """
 done = function(summary, latency, requests)
@@ -254,7 +254,7 @@ def bare_fastapi(log_dir: Path | None = None) -> Iterator[str]:
                 "bare_app:app",
                 "--port",
                 str(port),
-                # The stack the services run on (shared_schemas.server), named explicitly
+                # The stack the services run on (service_runtime.server), named explicitly
                 # like theirs: what a user deploying FastAPI gets from uvicorn[standard].
                 "--http",
                 HTTP_IMPLEMENTATION,

@@ -13,7 +13,7 @@ import sys
 
 from inventory_mutator.app import create_app
 from inventory_mutator.settings import MutatorSettings
-from shared_schemas.server import load_settings, run_service
+from service_runtime.server import load_settings, run_service
 
 
 def main() -> int:

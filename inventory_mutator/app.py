@@ -42,7 +42,7 @@ from inventory_mutator.mutations import Adjustment, Reservation
 from inventory_mutator.routes import MUTATION_ROUTES, add_mutation_routes
 from inventory_mutator.settings import MutatorSettings
 from inventory_mutator.writer import EventWriter
-from shared_schemas.http import install_error_handlers, operations_router
+from service_runtime.http import install_error_handlers, operations_router
 
 __all__ = ["Adjustment", "Reservation", "create_app"]
 

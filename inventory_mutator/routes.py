@@ -40,7 +40,7 @@ from inventory_mutator.idempotency import IdempotencyConflict
 from inventory_mutator.mutations import Adjustment, Mutation, MutationAccepted, Reservation
 from inventory_mutator.producer import Delivered, ProduceFailed
 from inventory_mutator.writer import EventWriter
-from shared_schemas.http import error_doc, error_response, validation_error_response
+from service_runtime.http import error_doc, error_response, validation_error_response
 from shared_schemas.positions import Position
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, TopicSpec
 

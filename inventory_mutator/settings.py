@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from shared_schemas.settings import HttpServerSettings, KafkaSettings
+from service_runtime.settings import HttpServerSettings, KafkaSettings
 
 
 class MutatorSettings(KafkaSettings, HttpServerSettings):

@@ -45,7 +45,7 @@ from sellable_calculator.routing import (
 from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from shared_schemas.server import (
+from service_runtime.server import (
     load_settings,
     server_config,
     start_in_thread,

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from sellable_calculator.forwarding import open_forwarding
 from sellable_calculator.routes import add_sellable_route, router
 from sellable_calculator.runtime import CalculatorRuntime
-from shared_schemas.http import install_error_handlers, operations_router
+from service_runtime.http import install_error_handlers, operations_router
 
 
 @asynccontextmanager

@@ -33,7 +33,7 @@ from sellable_calculator.read_your_writes import ReadYourWrites
 from sellable_calculator.routing import InstanceInfo
 from sellable_calculator.runtime import CalculatorRuntime, runtime_of
 from sellable_calculator.settings import CalculatorSettings
-from shared_schemas.http import error_response
+from service_runtime.http import error_response
 
 FORWARDED_BY = "X-Forwarded-By"
 SERVED_BY = "X-Served-By"

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from sellable_calculator.dataflow import INPUT_TOPICS
 from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
-from shared_schemas.http import error_response
+from service_runtime.http import error_response
 from shared_schemas.ids import END
 from shared_schemas.positions import Position
 

@@ -34,7 +34,7 @@ from sellable_calculator.read_your_writes import (
 from sellable_calculator.routing import InstanceInfo
 from sellable_calculator.runtime import CalculatorRuntime, runtime_of
 from sellable_calculator.store import Sellable
-from shared_schemas.http import (
+from service_runtime.http import (
     LocationPath,
     SkuPath,
     error_doc,
@@ -44,14 +44,7 @@ from shared_schemas.http import (
 )
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
-
-
-class SellableInventory(BaseModel):
-    """The sellable count of one sku at one location (the original example's JSON)."""
-
-    locationId: str = Field(examples=["STL"])
-    sku: str = Field(examples=["123123"])
-    count: int = Field(description="Sellable: on hand minus reserved.", examples=[90])
+from shared_schemas.responses import SellableInventory
 
 
 class LocationInventory(BaseModel):

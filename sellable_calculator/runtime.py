@@ -53,7 +53,7 @@ class CalculatorRuntime:
     async def readiness(self) -> dict[str, Any]:
         """The facts ``/health/ready`` reports; ``ready`` only when all of them are good.
 
-        A coroutine because that is what :func:`shared_schemas.http.operations_router`
+        A coroutine because that is what :func:`service_runtime.http.operations_router`
         awaits.
         """
         behind = {

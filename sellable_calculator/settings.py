@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from shared_schemas.settings import HttpServerSettings, KafkaSettings
+from service_runtime.settings import HttpServerSettings, KafkaSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

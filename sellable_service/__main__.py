@@ -15,7 +15,7 @@ import sys
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
 from sellable_service.workers import serve_with_workers
-from shared_schemas.server import load_settings, run_service
+from service_runtime.server import load_settings, run_service
 
 
 def main() -> int:

@@ -31,7 +31,7 @@ from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
 from sellable_service.writer import SellableWriter, WriterHealth
-from shared_schemas.http import (
+from service_runtime.http import (
     LocationPath,
     error_doc,
     error_response,
@@ -42,17 +42,10 @@ from shared_schemas.http import (
     unknown_query_parameters,
 )
 from shared_schemas.ids import MAX_ID_LENGTH
+from shared_schemas.responses import SellableInventory
 
 LISTING_PARAMETERS = frozenset({"limit", "after"})
 """The only query parameters of the location listing; any other is answered 422."""
-
-
-class SellableInventory(BaseModel):
-    """The sellable count of one sku at one location (the original example's JSON)."""
-
-    locationId: str = Field(examples=["STL"])
-    sku: str = Field(examples=["123123"])
-    count: int = Field(description="Sellable: on hand minus reserved.", examples=[90])
 
 
 class LocationPage(BaseModel):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from shared_schemas.settings import HttpServerSettings, KafkaSettings
+from service_runtime.settings import HttpServerSettings, KafkaSettings
 from shared_schemas.topics import SELLABLE_INVENTORY
 
 

@@ -44,7 +44,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from sellable_service.app import WriterElsewhere, create_app, readiness_facts
 from sellable_service.settings import ServiceSettings
-from shared_schemas.server import (
+from service_runtime.server import (
     EVENT_LOOP,
     HTTP_IMPLEMENTATION,
     load_settings,

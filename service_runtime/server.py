@@ -30,8 +30,8 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from shared_schemas.http import configure_logging
-from shared_schemas.settings import HttpServerSettings, unknown_settings
+from service_runtime.http import configure_logging
+from service_runtime.settings import HttpServerSettings, unknown_settings
 
 log = logging.getLogger(__name__)
 

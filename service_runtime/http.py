@@ -1,5 +1,5 @@
 """HTTP conventions shared by the three FastAPI services: one JSON error shape, health
-and metrics routes, and logging set-up (the server they run on: :mod:`shared_schemas.server`).
+and metrics routes, and logging set-up (the server they run on: :mod:`service_runtime.server`).
 
 Every error any service returns looks like::
 

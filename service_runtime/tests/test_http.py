@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, field_validator
 
-from shared_schemas.http import install_error_handlers, operations_router
+from service_runtime.http import install_error_handlers, operations_router
 
 
 class Body(BaseModel):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from inventory_mutator.settings import MutatorSettings
 from sellable_calculator.settings import CalculatorSettings
 from sellable_service.settings import ServiceSettings
-from shared_schemas.settings import unknown_settings
+from service_runtime.settings import unknown_settings
 
 
 def test_a_mistyped_variable_of_the_service_is_reported_with_the_closest_name() -> None:
