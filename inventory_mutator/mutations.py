@@ -98,7 +98,7 @@ def _identifier(value: Any) -> str:
     problem = id_problem(value)
     if problem is not None:
         raise ValueError(problem)
-    return value
+    return str(value)  # id_problem accepts only a str
 
 
 class _Mutation(BaseModel):

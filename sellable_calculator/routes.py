@@ -249,7 +249,7 @@ async def list_location(location: LocationPath, request: Request, scope: Scope =
         for info, body in answers:
             skus.extend(body["skus"])
             consulted.append(info.instance_id)
-    skus.sort(key=lambda item: item["sku"])
+    skus.sort(key=lambda item: str(item["sku"]))
     return _json({"locationId": location, "skus": skus, "instances": consulted})
 
 

@@ -177,7 +177,8 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
     error = codes.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, error, str(exc.detail), headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, error, str(exc.detail), headers=headers)
 
 
 async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:

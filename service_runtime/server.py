@@ -117,8 +117,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     _head_bytes = 0
     """Bytes received of the request head now arriving."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        super().connection_made(transport)  # type: ignore[arg-type]
+    # uvicorn narrows the argument to a Transport, as this does; asyncio says BaseTransport.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(
             self.timeout_keep_alive, self.timeout_keep_alive_handler
         )
@@ -210,7 +211,7 @@ def server_config(
         log_level=log_level.lower(),
         log_config=None,  # keep the process-wide format from configure_logging
         access_log=False,
-        timeout_keep_alive=limits.http_keep_alive_timeout_seconds,  # type: ignore[arg-type]
+        timeout_keep_alive=limits.http_keep_alive_timeout_seconds,
         header_timeout=limits.http_header_timeout_seconds,
         body_timeout=limits.http_body_timeout_seconds,
         max_head_bytes=limits.http_max_head_bytes,

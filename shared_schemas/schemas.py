@@ -53,6 +53,10 @@ class AvroSchema:
         """
         if isinstance(definition, str):
             definition = json.loads(definition)
+        if not isinstance(definition, dict):
+            raise fastavro.schema.SchemaParseException(
+                f"a schema of this project is a JSON object, not {definition!r}"
+            )
         canonical = to_parsing_canonical_form(copy.deepcopy(definition))
         # fastavro returns the CRC-64-AVRO as hex of the little-endian bytes.
         fp = bytes.fromhex(_fingerprint(canonical, "CRC-64-AVRO"))

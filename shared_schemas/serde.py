@@ -65,6 +65,8 @@ def _read_body(data: bytes, offset: int, writer: AvroSchema, reader: AvroSchema)
         raise SerdeError(
             f"{len(data) - buffer.tell()} unexpected trailing bytes after a {writer.name} body"
         )
+    if not isinstance(record, dict):  # every schema here is a record
+        raise SerdeError(f"a {writer.name} body decoded to {type(record).__name__}, not a record")
     return record
 
 
@@ -163,6 +165,8 @@ class ConfluentSerde(ValueSerde):
     def _lookup(self, schema_id: int) -> AvroSchema:
         try:
             registered = self._registry.get_schema(schema_id)
+            if registered.schema_str is None:
+                raise ValueError("the registry returned no schema text")
             return AvroSchema.from_definition(registered.schema_str)
         except Exception as exc:
             raise SerdeError(f"unknown schema id {schema_id}: {exc}") from exc
