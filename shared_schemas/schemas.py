@@ -29,7 +29,7 @@ class AvroSchema:
     """One Avro schema with what the serdes need precomputed."""
 
     name: str
-    definition: dict[str, Any] = field(repr=False)
+    definition: dict[str, Any] | str = field(repr=False)
     parsed: Any = field(repr=False, compare=False)
     canonical_form: str = field(repr=False)
     fingerprint: bytes
@@ -52,11 +52,8 @@ class AvroSchema:
         Raises ``fastavro.schema.SchemaParseException`` (or ``UnknownType``) for an invalid schema.
         """
         if isinstance(definition, str):
+            # A JSON object, or a JSON string naming a primitive type ('"null"').
             definition = json.loads(definition)
-        if not isinstance(definition, dict):
-            raise fastavro.schema.SchemaParseException(
-                f"a schema of this project is a JSON object, not {definition!r}"
-            )
         canonical = to_parsing_canonical_form(copy.deepcopy(definition))
         # fastavro returns the CRC-64-AVRO as hex of the little-endian bytes.
         fp = bytes.fromhex(_fingerprint(canonical, "CRC-64-AVRO"))
