@@ -14,56 +14,21 @@ consumes ``sellable_inventory`` into it; both stop with the app. ``/health/ready
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import Response
+from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, Field
 
 from sellable_service.metrics import ServiceMetrics
+from sellable_service.routes import add_inventory_routes
 from sellable_service.settings import ServiceSettings
-from sellable_service.store import CassandraUnavailable, SellableTable
+from sellable_service.store import SellableTable
 from sellable_service.writer import SellableWriter, WriterHealth
-from service_runtime.http import (
-    LocationPath,
-    error_doc,
-    error_response,
-    install_error_handlers,
-    invalid_id_response,
-    key_path_parameters,
-    operations_router,
-    unknown_query_parameters,
-)
-from shared_schemas.ids import MAX_ID_LENGTH
-from shared_schemas.responses import SellableInventory
-
-LISTING_PARAMETERS = frozenset({"limit", "after"})
-"""The only query parameters of the location listing; any other is answered 422."""
-
-
-class LocationPage(BaseModel):
-    """One page of a location's skus, in sku order."""
-
-    locationId: str
-    skus: list[SellableInventory]
-    next: str | None = Field(
-        description="Pass as `after` to get the next page; null on the last page."
-    )
-
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status, media_type="application/json")
-
-
-def _unavailable(exc: CassandraUnavailable) -> Response:
-    return error_response(503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}")
+from service_runtime.http import install_error_handlers, operations_router
 
 
 @dataclass(frozen=True)
@@ -134,83 +99,7 @@ def create_app(
             "apiProcess": os.getpid(),
         }
 
-    get_seconds = metrics.get_seconds
-
-    @app.get(
-        "/inventory/locations/{location}/skus/{sku}",
-        response_model=SellableInventory,
-        summary="Sellable inventory of one sku at one location",
-        responses={
-            404: error_doc("Unknown key"),
-            422: error_doc("An id breaks the id rule, or a query parameter was given"),
-            503: error_doc("Cassandra down"),
-        },
-        # Read by hand: the hot path skips FastAPI's parameter machinery.
-        openapi_extra={"parameters": key_path_parameters()},
-    )
-    async def get_sellable(request: Request) -> Response:
-        location, sku = request.path_params["location"], request.path_params["sku"]
-        # No query parameters at all: `?position=` (the calculator's read-your-writes)
-        # must not look as if it had been honoured.
-        if request.scope["query_string"] and (names := request.query_params.keys()):
-            return unknown_query_parameters(names)
-        invalid = invalid_id_response(location, sku)
-        if invalid is not None:
-            return invalid  # before Cassandra: it fails on keys over its size limit
-        started = time.perf_counter()
-        try:
-            count = await table.sellable_count(location, sku)
-        except CassandraUnavailable as exc:
-            return _unavailable(exc)
-        finally:
-            get_seconds.observe(time.perf_counter() - started)
-        if count is None:
-            return error_response(
-                404, "not_found", f"no sellable inventory for location {location!r}, sku {sku!r}"
-            )
-        return _json({"locationId": location, "sku": sku, "count": count})
-
-    @app.get(
-        "/inventory/locations/{location}/skus",
-        response_model=LocationPage,
-        summary="The skus of a location, a page at a time",
-        responses={
-            422: error_doc(
-                "The location breaks the id rule, a bad limit or after, or an unknown "
-                "query parameter"
-            ),
-            503: error_doc("Cassandra down"),
-        },
-    )
-    async def list_location(
-        location: LocationPath,
-        request: Request,
-        limit: Annotated[int, Query(ge=1, le=1000, description="Skus per page.")] = 100,
-        after: Annotated[
-            str,
-            Query(max_length=MAX_ID_LENGTH, description="The `next` value of the previous page."),
-        ] = "",
-    ) -> Response:
-        unknown = request.query_params.keys() - LISTING_PARAMETERS
-        if unknown:
-            return unknown_query_parameters(unknown)
-        invalid = invalid_id_response(location)
-        if invalid is not None:
-            return invalid
-        try:
-            page = await table.location(location, limit, after)
-        except CassandraUnavailable as exc:
-            return _unavailable(exc)
-        return _json(
-            {
-                "locationId": location,
-                "skus": [
-                    {"locationId": location, "sku": r.sku, "count": r.count} for r in page.rows
-                ],
-                "next": page.next,
-            }
-        )
-
+    add_inventory_routes(app)
     # Last: routes are tried in order, and the inventory GET is the hot one.
     registry = writer_elsewhere.registry if writer_elsewhere else metrics.registry
     app.include_router(operations_router(ready, registry))
