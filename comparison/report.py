@@ -169,9 +169,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
-    paths = summary["paths"]
-    read_rows = [
+def _read_rows(paths: dict[str, Any]) -> list[list[Any]]:
+    """One row per read path: reads, throughput, latency percentiles, errors."""
+    return [
         [
             name,
             p["reads"],
@@ -184,7 +184,11 @@ def _html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
         ]
         for name, p in paths.items()
     ]
-    fresh_rows = [
+
+
+def _freshness_rows(paths: dict[str, Any]) -> list[list[Any]]:
+    """One row per read path: how long until a written value was visible there."""
+    return [
         [
             name,
             p["freshness_ms"]["count"],
@@ -195,6 +199,11 @@ def _html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
         ]
         for name, p in paths.items()
     ]
+
+
+def _html(summary: dict[str, Any], images: dict[str, bytes]) -> str:
+    paths = summary["paths"]
+    read_rows, fresh_rows = _read_rows(paths), _freshness_rows(paths)
     listing_rows = [
         [name, d["count"], d["p50"], d["p95"], d["max"]]
         for name, d in summary["listings"]["latency_ms"].items()
