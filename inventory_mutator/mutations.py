@@ -16,7 +16,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 from shared_schemas.ids import END, ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
 
@@ -124,44 +132,36 @@ class _Mutation(BaseModel):
         return _identifier(value)
 
 
+def _count(minimum: int, description: str) -> tuple[BeforeValidator, WithJsonSchema]:
+    """The validation and the JSON Schema of a count that is at least ``minimum``."""
+    return (
+        BeforeValidator(lambda value: parse_count(value, minimum)),
+        WithJsonSchema(_count_schema(minimum, description)),
+    )
+
+
+_ADJUSTMENT_COUNT = _count(
+    INT32_MIN,
+    "Non-zero 32-bit integer: a JSON integer, or a string of ASCII digits with an optional "
+    'sign ("100", as the original example sends).',
+)
+_RESERVATION_COUNT = _count(
+    1,
+    "Positive 32-bit integer: a JSON integer, or a string of ASCII digits with an optional "
+    '"+" ("10", as the original example sends).',
+)
+
+
 class Adjustment(_Mutation):
     """A change of the on-hand quantity: positive for receipts, negative for shrinkage."""
 
-    count: Annotated[
-        int,
-        WithJsonSchema(
-            _count_schema(
-                INT32_MIN,
-                "Non-zero 32-bit integer: a JSON integer, or a string of ASCII digits with "
-                'an optional sign ("100", as the original example sends).',
-            )
-        ),
-    ] = Field(examples=[100])
-
-    @field_validator("count", mode="before")
-    @classmethod
-    def _count(cls, value: Any) -> int:
-        return parse_count(value, INT32_MIN)
+    count: Annotated[int, _ADJUSTMENT_COUNT[0], _ADJUSTMENT_COUNT[1]] = Field(examples=[100])
 
 
 class Reservation(_Mutation):
     """Units promised to an order: they stop being sellable."""
 
-    count: Annotated[
-        int,
-        WithJsonSchema(
-            _count_schema(
-                1,
-                "Positive 32-bit integer: a JSON integer, or a string of ASCII digits with "
-                'an optional "+" ("10", as the original example sends).',
-            )
-        ),
-    ] = Field(examples=[10])
-
-    @field_validator("count", mode="before")
-    @classmethod
-    def _count(cls, value: Any) -> int:
-        return parse_count(value, 1)
+    count: Annotated[int, _RESERVATION_COUNT[0], _RESERVATION_COUNT[1]] = Field(examples=[10])
 
 
 class MutationAccepted(BaseModel):
