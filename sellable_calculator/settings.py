@@ -13,9 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from service_runtime.settings import HttpServerSettings, KafkaSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from service_runtime.settings import CommaSeparatedInts, HttpServerSettings, KafkaSettings
 
 
 class CalculatorSettings(KafkaSettings, HttpServerSettings):
@@ -34,7 +32,7 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     calculator_instance_id: str | None = Field(
         None, description="Instance id in the routing table; default calculator-<index>."
     )
-    calculator_partitions: str | None = Field(
+    calculator_partitions: CommaSeparatedInts | None = Field(
         None, description="Explicit comma-separated partitions to own, overriding index/count."
     )
     calculator_advertised_url: str | None = Field(
@@ -43,8 +41,9 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     )
     calculator_workers: int = Field(1, ge=1, description="Bytewax workers in this instance.")
     calculator_state_dir: Path = Field(
-        PROJECT_ROOT / ".local" / "calculator",
-        description="Parent directory of the per-instance store and recovery partitions.",
+        Path(".local/calculator"),
+        description="Parent directory of the per-instance store and recovery partitions "
+        "(a relative path is taken from the working directory).",
     )
     calculator_epoch_seconds: float = Field(
         2.0, gt=0, description="Bytewax epoch length: how often state is snapshotted for recovery."
@@ -105,9 +104,7 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     def owned_partitions(self) -> tuple[int, ...]:
         """The partitions of the co-partitioned topics this instance processes and serves."""
         if self.calculator_partitions:
-            return tuple(
-                sorted({int(p) for p in self.calculator_partitions.split(",") if p.strip()})
-            )
+            return tuple(sorted(set(self.calculator_partitions)))
         return tuple(
             p
             for p in range(self.topic_partitions)

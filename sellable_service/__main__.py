@@ -31,7 +31,7 @@ def main() -> int:
         lambda s: (s.service_host, s.service_port),
         lambda s: (
             f"Kafka {s.kafka_bootstrap_servers}, topic {s.service_topic}; "
-            f"Cassandra {s.cassandra_contact_points}:{s.cassandra_port}"
+            f"Cassandra {','.join(s.cassandra_contact_points)}:{s.cassandra_port}"
         ),
     )
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from service_runtime.settings import HttpServerSettings, KafkaSettings
+from service_runtime.settings import CommaSeparated, HttpServerSettings, KafkaSettings
 from shared_schemas.topics import SELLABLE_INVENTORY
 
 
@@ -23,8 +23,8 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
         "more: that many API processes share the port and one more process writes "
         "(sellable_service/workers.py).",
     )
-    cassandra_contact_points: str = Field(
-        "127.0.0.1", description="Cassandra hosts, comma-separated."
+    cassandra_contact_points: CommaSeparated = Field(
+        ["127.0.0.1"], min_length=1, description="Cassandra hosts, comma-separated."
     )
     cassandra_port: int = Field(9042, ge=1, le=65535, description="Cassandra's CQL port.")
     cassandra_protocol_version: int | None = Field(
@@ -69,8 +69,3 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
         description="Cassandra batches in flight at once. High because a durable write "
         "waits for its commit-log sync: writes in flight together share one sync.",
     )
-
-    @property
-    def contact_points(self) -> list[str]:
-        """``CASSANDRA_CONTACT_POINTS`` as a list."""
-        return [p.strip() for p in self.cassandra_contact_points.split(",") if p.strip()]

@@ -177,7 +177,7 @@ class SellableTable:
             except Exception as exc:
                 log.warning(
                     "Cassandra at %s:%d not reachable (%s); retrying in %.1f s",
-                    self.settings.cassandra_contact_points,
+                    ",".join(self.settings.cassandra_contact_points),
                     self.settings.cassandra_port,
                     type(exc).__name__,
                     delay,
@@ -197,7 +197,7 @@ class SellableTable:
         if s.cassandra_protocol_version is not None:
             extra["protocol_version"] = s.cassandra_protocol_version
         cluster = Cluster(
-            s.contact_points,
+            s.cassandra_contact_points,
             port=s.cassandra_port,
             execution_profiles={EXEC_PROFILE_DEFAULT: profile},
             # Come back quickly after Cassandra restarts: the writer is waiting.

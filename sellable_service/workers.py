@@ -211,7 +211,7 @@ def serve_with_workers(settings: ServiceSettings) -> int:
         EVENT_LOOP,
         settings.kafka_bootstrap_servers,
         settings.service_topic,
-        settings.cassandra_contact_points,
+        ",".join(settings.cassandra_contact_points),
         settings.cassandra_port,
     )
     writer = _WriterSupervisor(report)

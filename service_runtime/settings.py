@@ -12,11 +12,25 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared_schemas.topics import DEFAULT_PARTITIONS
+
+
+def _split_commas(value: Any) -> Any:
+    """``"a, b,,c"`` as ``["a", "b", "c"]``; anything else as it is (a list, say)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CommaSeparated = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+"""A list setting written as ``A,B,C`` in the environment (not as JSON), validated at load."""
+CommaSeparatedInts = Annotated[list[int], NoDecode, BeforeValidator(_split_commas)]
+"""A list of integers written as ``0,2,4`` in the environment, validated at load."""
 
 
 class ServiceSettingsBase(BaseSettings):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
 from inventory_mutator.settings import MutatorSettings
 from sellable_calculator.settings import CalculatorSettings
 from sellable_service.settings import ServiceSettings
@@ -33,3 +38,26 @@ def test_the_service_checks_both_of_its_prefixes() -> None:
     warnings = unknown_settings(ServiceSettings, {"CASSANDRA_KEYSPCE": "k", "SERVICE_PROT": "1"})
     assert [w.split()[0] for w in warnings] == ["CASSANDRA_KEYSPCE", "SERVICE_PROT"]
     assert "CASSANDRA_KEYSPACE" in warnings[0] and "SERVICE_PORT" in warnings[1]
+
+
+def test_list_settings_are_comma_separated_lists_validated_at_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CASSANDRA_CONTACT_POINTS", " cass-1, cass-2,, ")
+    assert ServiceSettings().cassandra_contact_points == ["cass-1", "cass-2"]
+    monkeypatch.setenv("CALCULATOR_PARTITIONS", "4,0,2,2")
+    assert CalculatorSettings().calculator_partitions == [4, 0, 2, 2]
+    assert CalculatorSettings().owned_partitions == (0, 2, 4)
+    monkeypatch.setenv("CALCULATOR_PARTITIONS", "0,two")
+    with pytest.raises(ValidationError, match="calculator_partitions"):
+        CalculatorSettings()
+    monkeypatch.setenv("CASSANDRA_CONTACT_POINTS", " , ")
+    with pytest.raises(ValidationError, match="cassandra_contact_points"):
+        ServiceSettings()
+
+
+def test_the_calculator_state_dir_defaults_to_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("CALCULATOR_STATE_DIR", raising=False)
+    assert CalculatorSettings().calculator_state_dir == Path(".local/calculator")
