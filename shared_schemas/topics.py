@@ -16,16 +16,21 @@ something to live with.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from shared_schemas.retry import Backoff, retrying
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS = 6
+
+AVAILABILITY_BACKOFF = Backoff(first=1.0, cap=1.0)
+"""Waits between attempts while the broker does not answer: a steady 1 s, for a broker
+that is starting."""
 
 
 @dataclass(frozen=True)
@@ -161,15 +166,19 @@ def ensure_topics_when_available(
     A partition mismatch is raised at once: waiting does not fix it.
     """
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    deadline = time.monotonic() + wait_seconds
-    specs = list(topics)
-    while True:
-        try:
-            return ensure_topics(admin, partitions, specs, replication_factor, timeout=5.0)
-        except TopicAdminError as exc:
-            if time.monotonic() >= deadline:
-                raise TopicAdminError(
-                    f"Kafka at {bootstrap_servers} not reachable within {wait_seconds:g} s: {exc}"
-                ) from exc
-            log.info("waiting for Kafka at %s: %s", bootstrap_servers, exc)
-            time.sleep(1.0)
+    retry = retrying(
+        f"creating the topics on Kafka at {bootstrap_servers}",
+        AVAILABILITY_BACKOFF,
+        retry_on=TopicAdminError,  # TopicMismatchError is not one: raised at once
+        deadline=wait_seconds,
+        logger=log,
+        level=logging.INFO,  # expected while the broker starts
+    )
+    try:
+        return retry(
+            ensure_topics, admin, partitions, list(topics), replication_factor, timeout=5.0
+        )
+    except TopicAdminError as exc:  # the last failure, past the deadline
+        raise TopicAdminError(
+            f"Kafka at {bootstrap_servers} not reachable within {wait_seconds:g} s: {exc}"
+        ) from exc
