@@ -58,6 +58,8 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from service_runtime.kafka import position_of
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_SECONDS = 0.001
@@ -382,9 +384,7 @@ class AsyncProducer:
 
         def on_delivery(error: KafkaError | None, message: Message) -> None:
             if error is None:
-                outcomes.append(
-                    (future, Delivered(message.topic(), message.partition(), message.offset()))
-                )
+                outcomes.append((future, Delivered(*position_of(message))))
             else:
                 outcomes.append((future, _delivery_failure(error)))
 

@@ -31,6 +31,7 @@ from inventory_mutator.metrics import MutatorMetrics
 from inventory_mutator.mutations import Mutation
 from inventory_mutator.producer import AsyncProducer, Delivered, ProducerStatus
 from inventory_mutator.settings import MutatorSettings
+from service_runtime.kafka import ensure_topics_when_available
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.serde import ValueSerde, value_serde
@@ -39,7 +40,6 @@ from shared_schemas.topics import (
     INVENTORY_RESERVATIONS,
     TopicMismatchError,
     TopicSpec,
-    ensure_topics_when_available,
 )
 
 log = logging.getLogger(__name__)

@@ -20,12 +20,12 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from local_stack.paths import logs_dir
+from local_stack.testing import WaitTimeout, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -120,25 +120,26 @@ class ManagedProcess:
         Raises :class:`ProcessFailed` with the log's tail if the child exits first or the
         timeout passes. Exceptions from ``check`` count as "not yet".
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._popen is None or self._popen.poll() is not None:
-                code = None if self._popen is None else self._popen.returncode
-                raise ProcessFailed(
-                    f"{self.name} exited (status {code}) before it was ready; "
-                    f"{self.log_path} ends with:\n{self.log_tail()}"
-                )
-            try:
-                if check():
-                    return
-            except Exception:  # not ready yet: connection refused, 503, …
-                pass
-            if time.monotonic() >= deadline:
-                raise ProcessFailed(
-                    f"{self.name} not ready within {timeout:g} s; "
-                    f"{self.log_path} ends with:\n{self.log_tail()}"
-                )
-            time.sleep(interval)
+
+        def ready_or_exited() -> str | None:
+            # Whether it runs first: a child that died is not waited for to the timeout.
+            if not self.is_running():
+                return "exited"
+            return "ready" if check() else None  # raising: not ready yet (connection refused…)
+
+        try:
+            outcome = wait_until(ready_or_exited, timeout, interval)
+        except WaitTimeout:
+            raise ProcessFailed(
+                f"{self.name} not ready within {timeout:g} s; "
+                f"{self.log_path} ends with:\n{self.log_tail()}"
+            ) from None
+        if outcome == "exited":
+            code = None if self._popen is None else self._popen.returncode
+            raise ProcessFailed(
+                f"{self.name} exited (status {code}) before it was ready; "
+                f"{self.log_path} ends with:\n{self.log_tail()}"
+            )
 
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self._popen is not None

@@ -18,7 +18,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from local_stack.__main__ import READY_BANNER
 from local_stack.cassandra import distribution_dir, ensure_cassandra_distribution
 from local_stack.paths import services_file
 from local_stack.process import ManagedProcess, free_port
+from local_stack.testing import WaitTimeout, wait_until
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,10 @@ class ServiceProcess:
     def kill(self, timeout: float = 10.0) -> None:
         """kill -9, and wait until the process is gone (or a zombie nobody reaps)."""
         os.kill(self.pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while not _gone(self.pid):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"process {self.pid} still runs {timeout} s after SIGKILL")
-            time.sleep(0.05)
+        try:
+            wait_until(lambda: _gone(self.pid), timeout)
+        except WaitTimeout:
+            raise TimeoutError(f"process {self.pid} still runs {timeout} s after SIGKILL") from None
 
     def restarted(self, name: str, log_dir: Path) -> ManagedProcess:
         """Start the same command with the same environment and directory (not waited for)."""

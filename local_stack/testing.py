@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks that drive real processes."""
+"""Helpers for tests and benchmarks that drive real processes, and :func:`wait_until`,
+the one polling wait they and local_stack use."""
 
 from __future__ import annotations
 
@@ -10,23 +11,33 @@ from urllib.parse import quote
 from shared_schemas.ids import MAX_ID_LENGTH
 
 
+class WaitTimeout(AssertionError):
+    """What :func:`wait_until` waited for did not come within its timeout.
+
+    An AssertionError, so that a test reads it as a failed expectation.
+    """
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy, and return that.
+    """Poll ``check`` every ``interval`` seconds until it returns something truthy, and
+    return that.
 
     An exception from ``check`` (connection refused while a server starts…) counts as
-    "not yet". After ``timeout`` seconds an AssertionError shows the last result.
+    "not yet". ``check`` runs at least once, the last time at the deadline; then a
+    :class:`WaitTimeout` shows its last result.
     """
     deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
+    while True:
         try:
             last = check()
         except Exception as exc:
             last = exc
         if last and not isinstance(last, Exception):
             return last
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s; last result: {last!r}")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(f"condition not met within {timeout} s; last result: {last!r}")
+        time.sleep(min(interval, left))  # so that the last check falls on the deadline
 
 
 # Ids for tests of the id rule (shared_schemas.ids). Odd but valid: each must read back

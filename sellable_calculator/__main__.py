@@ -45,6 +45,7 @@ from sellable_calculator.routing import (
 from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
+from service_runtime.kafka import ensure_topics_when_available
 from service_runtime.server import (
     load_settings,
     server_config,
@@ -54,7 +55,6 @@ from service_runtime.server import (
 from shared_schemas.topics import (
     TopicAdminError,
     TopicMismatchError,
-    ensure_topics_when_available,
 )
 
 log = logging.getLogger("sellable_calculator")
@@ -111,7 +111,8 @@ def _missing_records(
                 if message is not None and message.error() is None:
                     found = message.offset() == position - 1
                     break
-                if message is not None and message.error().code() == KafkaError._AUTO_OFFSET_RESET:
+                error = None if message is None else message.error()
+                if error is not None and error.code() == KafkaError._AUTO_OFFSET_RESET:
                     break
             if not found:
                 missing[f"{topic}:{partition}"] = position - 1

@@ -38,7 +38,6 @@ published and stored in one go. See :class:`PartitionSums`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -67,6 +66,8 @@ from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import Sellable, SellableStore
+from service_runtime.kafka import position_of
+from service_runtime.retry import Backoff, retrying
 from shared_schemas.partitioner import partition_for
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
@@ -200,18 +201,19 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
                 elif error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error on %s: %s", self._tp, error)
                 continue
-            offset = message.offset()
+            _, _, offset = position_of(message)
             self._next_offset = offset + 1
             self._out_of_range = None
             key = message.key()
             try:
-                if key is None or message.value() is None:
+                raw_value = message.value()
+                if key is None or raw_value is None:
                     raise SerdeError("record without key or value")
                 if partition_of(key) != self._partition:
                     raise MisplacedKeyError(
                         f"key belongs in partition {partition_of(key)}, not {self._partition}"
                     )
-                value: dict[str, Any] = deserialize(message.value())
+                value: dict[str, Any] = deserialize(raw_value)
             except SerdeError as exc:
                 self._undecodable.inc()
                 log.warning(
@@ -489,6 +491,14 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
         return PartitionState(dict(self._sums), dict(self._applied))
 
 
+REPUBLISH_BACKOFF = Backoff(first=0.5, cap=5.0, factor=1, step=0.5)
+"""Waits before publishing a batch again: 0.5 s longer each time, 5 s at most."""
+
+
+class PublishFailed(Exception):
+    """The broker did not take every value of a batch; the whole batch is published again."""
+
+
 class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]):
     def __init__(
         self,
@@ -508,6 +518,9 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         )
         self._producer = self._new_producer()
         self._failures: list[KafkaError] = []
+        self._republish = retrying(
+            "publishing sellable values", REPUBLISH_BACKOFF, retry_on=PublishFailed, logger=log
+        )
 
     def _new_producer(self) -> Producer:
         return Producer(
@@ -559,35 +572,36 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         key stays the last one. A stop request while the broker does not answer fails
         the dataflow (exit status 1); recovery resumes from the last snapshot.
         """
-        for attempt in itertools.count(1):
-            self._failures.clear()
-            try:
-                for partition, key, value in records:
-                    self._produce(key, value, partition)
-                while (remaining := self._producer.flush(5)) and not self._fatal():
-                    log.warning("waiting for the broker to acknowledge %d value(s)", remaining)
-                    if self._stop.is_set():
-                        raise RuntimeError(f"stopping with {remaining} value(s) unacknowledged")
-            except KafkaException as exc:  # produce() on a producer in its fatal state
-                self._failures.append(exc.args[0])
-            if not self._failures:
-                return
-            fatal = self._fatal()
-            log.warning(
-                "publishing %d sellable value(s) failed (%s); attempt %d%s",
-                len(records),
-                self._failures[0].str(),
-                attempt,
-                ", with a new producer" if fatal else "",
-            )
-            if self._stop.is_set():
-                raise RuntimeError(
-                    f"stopping with sellable values unpublished: {self._failures[0]}"
-                )
-            if fatal:
-                self._producer.purge()
-                self._producer = self._new_producer()
-            time.sleep(min(attempt * 0.5, 5.0))
+        self._republish(self._publish_once, records)
+
+    def _publish_once(self, records: list[tuple[int, bytes, bytes]]) -> None:
+        """One attempt of :meth:`_publish`: :class:`PublishFailed` to try again, with a new
+        producer already in place if the old one is dead; RuntimeError when stopping."""
+        self._failures.clear()
+        try:
+            for partition, key, value in records:
+                self._produce(key, value, partition)
+            while (remaining := self._producer.flush(5)) and not self._fatal():
+                log.warning("waiting for the broker to acknowledge %d value(s)", remaining)
+                if self._stop.is_set():
+                    raise RuntimeError(f"stopping with {remaining} value(s) unacknowledged")
+        except KafkaException as exc:  # produce() on a producer in its fatal state
+            self._failures.append(exc.args[0])
+        if not self._failures:
+            return
+        # The stop is checked here rather than given to retrying() as its event, which
+        # would refuse even a first attempt: on a stop the sinks still flush what is in
+        # hand, and only a batch that then fails ends the dataflow.
+        if self._stop.is_set():
+            raise RuntimeError(f"stopping with sellable values unpublished: {self._failures[0]}")
+        fatal = self._fatal()
+        if fatal:
+            self._producer.purge()
+            self._producer = self._new_producer()
+        raise PublishFailed(
+            f"{len(records)} value(s): {self._failures[0].str()}"
+            + (", with a new producer" if fatal else "")
+        )
 
     def _fatal(self) -> bool:
         return any(error.fatal() for error in self._failures)

@@ -15,6 +15,7 @@ read one Cassandra partition. The CQL runs on Cassandra 2.1 (the embedded one) t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import weakref
@@ -40,6 +41,7 @@ from cassandra.policies import ConstantReconnectionPolicy, RoundRobinPolicy
 from cassandra.query import PreparedStatement, tuple_factory
 
 from sellable_service.settings import ServiceSettings
+from service_runtime.retry import Backoff, RetryStopped, retrying
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,10 @@ UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, Connectio
 
 WRITE_RETRY_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException, DriverException)
 """Errors after which the writer retries the same batch (timeouts, overload, no host)."""
+
+
+CONNECT_BACKOFF = Backoff(first=0.5, cap=5.0)
+"""Waits between attempts at the first connection: Cassandra may take a minute to start."""
 
 
 class CassandraUnavailable(Exception):
@@ -169,21 +175,15 @@ class SellableTable:
         return any(host.is_up for host in cluster.metadata.all_hosts())
 
     def _connect_loop(self) -> None:
-        delay = 0.5
-        while not self._stop.is_set():
-            try:
-                self._connect()
-                return
-            except Exception as exc:
-                log.warning(
-                    "Cassandra at %s:%d not reachable (%s); retrying in %.1f s",
-                    ",".join(self.settings.cassandra_contact_points),
-                    self.settings.cassandra_port,
-                    type(exc).__name__,
-                    delay,
-                )
-                self._stop.wait(delay)
-                delay = min(delay * 2, 5.0)
+        s = self.settings
+        connect = retrying(
+            f"connecting to Cassandra at {','.join(s.cassandra_contact_points)}:{s.cassandra_port}",
+            CONNECT_BACKOFF,
+            stop=self._stop,
+            logger=log,
+        )
+        with contextlib.suppress(RetryStopped):  # closed before Cassandra answered
+            connect(self._connect)
 
     def _connect(self) -> None:
         s = self.settings

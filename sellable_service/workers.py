@@ -25,6 +25,7 @@ it wrote and leaves its group), and the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -44,6 +45,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from sellable_service.app import WriterElsewhere, create_app, readiness_facts
 from sellable_service.settings import ServiceSettings
+from service_runtime.retry import Backoff, RetryStopped, retrying
 from service_runtime.server import (
     EVENT_LOOP,
     HTTP_IMPLEMENTATION,
@@ -62,8 +64,10 @@ METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REPORT_INTERVAL_SECONDS = 0.5
 REPORT_STALE_SECONDS = 5.0
 """A writer report older than this means the writer is frozen or gone: not ready."""
-RESTART_BACKOFF_SECONDS = (1.0, 30.0)
-"""The first and the longest wait before starting a writer again after it died."""
+RESTART_BACKOFF = Backoff(first=1.0, cap=30.0)
+"""Waits before starting a writer again after it died."""
+RESTART_FRESH_AFTER = 60.0
+"""A writer that ran this long before it died is started again after the first wait."""
 
 
 def read_writer_report(path: Path) -> dict[str, Any]:
@@ -79,7 +83,8 @@ def read_writer_report(path: Path) -> dict[str, Any]:
     age = time.time() - float(report.pop("time", 0))
     if age > REPORT_STALE_SECONDS:
         return {"ready": False, "writer": f"no report for {age:.1f} s", "consumerAssigned": False}
-    return report
+    facts: dict[str, Any] = report
+    return facts
 
 
 def _write_report(path: Path, facts: dict[str, Any]) -> None:
@@ -137,6 +142,10 @@ def api_app() -> FastAPI:
     return app
 
 
+class WriterExited(Exception):
+    """The writer process exited without being asked to."""
+
+
 class _WriterSupervisor:
     """Keeps one writer process running until :meth:`stop`."""
 
@@ -156,27 +165,32 @@ class _WriterSupervisor:
         self._process.start()
 
     def _supervise(self) -> None:
-        backoff = RESTART_BACKOFF_SECONDS[0]
-        while not self._stopping.is_set():
-            self._start_process()
-            started = time.monotonic()
-            assert self._process is not None
-            self._process.join()
-            if self._stopping.is_set():
-                return
-            if time.monotonic() - started > 60:  # it ran a while: start again promptly
-                backoff = RESTART_BACKOFF_SECONDS[0]
-            self.restarts += 1
-            log.error(
-                "writer process %s exited with status %s; starting another in %g s (restart %d)",
-                self._process.pid,
-                self._process.exitcode,
-                backoff,
-                self.restarts,
+        restart = retrying(
+            "the writer process",
+            RESTART_BACKOFF,
+            retry_on=WriterExited,
+            stop=self._stopping,
+            fresh_after=RESTART_FRESH_AFTER,
+            on_retry=self._count_restart,
+            logger=log,
+            level=logging.ERROR,
+        )
+        with contextlib.suppress(RetryStopped):  # stopped while waiting to restart
+            restart(self._run_process)
+
+    def _run_process(self) -> None:
+        """Start a writer process and wait until it exits; :class:`WriterExited` unless
+        that was :meth:`stop`."""
+        self._start_process()
+        assert self._process is not None
+        self._process.join()
+        if not self._stopping.is_set():
+            raise WriterExited(
+                f"writer process {self._process.pid} exited with status {self._process.exitcode}"
             )
-            if self._stopping.wait(backoff):
-                return
-            backoff = min(backoff * 2, RESTART_BACKOFF_SECONDS[1])
+
+    def _count_restart(self, _error: BaseException, _delay: float) -> None:
+        self.restarts += 1
 
     def stop(self) -> None:
         """Stop the writer process (SIGTERM, then SIGKILL after 60 s) and the supervision."""

@@ -44,6 +44,7 @@ Faults are ordinary events here, because replays are harmless:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -59,6 +60,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from sellable_service.metrics import ServiceMetrics
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import WRITE_RETRY_ERRORS, CassandraUnavailable, SellableTable
+from service_runtime.kafka import position_of
+from service_runtime.retry import Backoff, RetryStopped, retrying
 from shared_schemas.schemas import SELLABLE_INVENTORY
 from shared_schemas.serde import SerdeError, decode_key, value_serde
 
@@ -67,14 +70,15 @@ log = logging.getLogger(__name__)
 MAX_BATCH_STATEMENTS = 50
 """Rows per UNLOGGED batch: big enough to save round trips, small enough to stay cheap."""
 
-RETRY_FIRST_DELAY = 0.2
-RETRY_MAX_DELAY = 2.0
-"""Backoff between attempts at a batch Cassandra refused. Short at most: an attempt while
+WRITE_BACKOFF = Backoff(first=0.2, cap=2.0)
+"""Waits between attempts at a batch Cassandra refused. Short at most: an attempt while
 Cassandra is down fails at once (no host), and the writer polls Kafka meanwhile anyway."""
 
-RESTART_FIRST_DELAY = 1.0
-RESTART_MAX_DELAY = 30.0
-"""Backoff between restarts of the consumer after an unexpected error."""
+RESTART_BACKOFF = Backoff(first=1.0, cap=30.0)
+"""Waits between restarts of the consumer after an unexpected error."""
+RESTART_FRESH_AFTER = 5 * RESTART_BACKOFF.cap
+"""A consumer that ran this long before failing had recovered: its failure is a new
+incident, restarted after the first wait again."""
 
 COMMIT_INTERVAL_MS = 1_000
 """How often the consumer commits the offsets the writer stored (after writing)."""
@@ -256,25 +260,23 @@ class SellableWriter:
     def _run(self) -> None:
         """Run consumers one after another until stopped; an unexpected error only
         costs a restart (and a replay of what was not committed)."""
-        delay = RESTART_FIRST_DELAY
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._run_consumer()
-                return  # asked to stop
-            except Exception:
-                self.metrics.writer_restarts.inc()
-                self._state = "restarting"
-                if time.monotonic() - started > 5 * RESTART_MAX_DELAY:
-                    delay = RESTART_FIRST_DELAY  # it ran well for a while: a new incident
-                log.exception(
-                    "the Cassandra writer failed; restarting it with a new consumer in "
-                    "%.0f s (uncommitted records are read again)",
-                    delay,
-                )
-                if self._stop.wait(delay):
-                    return
-                delay = min(delay * 2, RESTART_MAX_DELAY)
+        restart = retrying(
+            "the Cassandra writer (restarted with a new consumer: uncommitted records are "
+            "read again)",
+            RESTART_BACKOFF,
+            stop=self._stop,
+            fresh_after=RESTART_FRESH_AFTER,
+            on_retry=self._restarting,
+            logger=log,
+            level=logging.ERROR,
+            exc_info=True,
+        )
+        with contextlib.suppress(RetryStopped):  # stopped while waiting to restart
+            restart(self._run_consumer)  # returns once asked to stop
+
+    def _restarting(self, _error: BaseException, _delay: float) -> None:
+        self.metrics.writer_restarts.inc()
+        self._state = "restarting"
 
     def _run_consumer(self) -> None:
         self._owned, self._pending, self._paused = frozenset(), None, False
@@ -292,7 +294,7 @@ class SellableWriter:
     def _loop(self, consumer: Consumer) -> None:
         last_lag_update = 0.0
         next_attempt = 0.0
-        delay = RETRY_FIRST_DELAY
+        failures = 0  # in a row, at the batch in hand
         while not self._stop.is_set():
             self._loop_at = now = time.monotonic()
             # consume() waits the whole timeout unless the batch fills: keep it short,
@@ -309,15 +311,16 @@ class SellableWriter:
             if self._pending is not None and time.monotonic() >= next_attempt:
                 if self._try_write(self._pending):
                     self._store(consumer, self._pending)
-                    self._pending, delay, self._state = None, RETRY_FIRST_DELAY, "writing"
+                    self._pending, failures, self._state = None, 0, "writing"
                     if self._paused:
                         consumer.resume(consumer.assignment())
                         self._paused = False
                         log.info("Cassandra took the batch in hand; consuming again")
                 else:
+                    # Not a tenacity retry: the loop must keep polling while it waits.
+                    failures += 1
                     self._state = "retrying"
-                    next_attempt = time.monotonic() + delay
-                    delay = min(delay * 2, RETRY_MAX_DELAY)
+                    next_attempt = time.monotonic() + WRITE_BACKOFF.delay(failures)
             if self._pending is not None:
                 # Every turn, not once: a rebalance may hand over unpaused partitions.
                 consumer.pause(consumer.assignment())
@@ -375,7 +378,7 @@ class SellableWriter:
                     # reconnects by itself; the revocation callbacks did the bookkeeping.
                     log.warning("consumer error: %s", error)
                 continue
-            partition, offset = message.partition(), message.offset()
+            _, partition, offset = position_of(message)
             batch.next_offsets[partition] = offset + 1
             try:
                 raw_key = message.key()

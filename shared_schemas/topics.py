@@ -16,9 +16,9 @@ something to live with.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -82,6 +82,27 @@ class TopicAdminError(RuntimeError):
     """The broker could not be reached or refused to create a topic."""
 
 
+def _check_partition_counts(
+    existing: Mapping[str, Any], specs: list[TopicSpec], partitions: int
+) -> None:
+    """Raise :class:`TopicMismatchError` naming every existing topic of ``specs`` whose
+    partition count is not what the configuration asks for."""
+    mismatches = [
+        f"{spec.name} has {len(existing[spec.name].partitions)} partitions, "
+        f"expected {spec.partition_count(partitions)}"
+        for spec in specs
+        if spec.name in existing
+        and len(existing[spec.name].partitions) != spec.partition_count(partitions)
+    ]
+    if mismatches:
+        raise TopicMismatchError(
+            "topic partition counts do not match the configuration ("
+            + "; ".join(mismatches)
+            + "). Co-partitioned topics must share one partition count: "
+            "set TOPIC_PARTITIONS to the existing count or recreate the topics."
+        )
+
+
 def ensure_topics(
     admin: AdminClient,
     partitions: int = DEFAULT_PARTITIONS,
@@ -101,21 +122,7 @@ def ensure_topics(
     except KafkaException as exc:
         raise TopicAdminError(f"cannot list topics: {exc}") from exc
 
-    mismatches = [
-        f"{spec.name} has {len(existing[spec.name].partitions)} partitions, "
-        f"expected {spec.partition_count(partitions)}"
-        for spec in specs
-        if spec.name in existing
-        and len(existing[spec.name].partitions) != spec.partition_count(partitions)
-    ]
-    if mismatches:
-        raise TopicMismatchError(
-            "topic partition counts do not match the configuration ("
-            + "; ".join(mismatches)
-            + "). Co-partitioned topics must share one partition count: "
-            "set TOPIC_PARTITIONS to the existing count or recreate the topics."
-        )
-
+    _check_partition_counts(existing, specs, partitions)
     missing = [
         NewTopic(
             spec.name,
@@ -147,29 +154,3 @@ def ensure_topics(
         # Re-check the ones that raced with someone else.
         return created + ensure_topics(admin, partitions, specs, replication_factor, timeout)
     return created
-
-
-def ensure_topics_when_available(
-    bootstrap_servers: str,
-    partitions: int = DEFAULT_PARTITIONS,
-    replication_factor: int = 1,
-    wait_seconds: float = 60.0,
-    topics: Iterable[TopicSpec] = ALL_TOPICS,
-) -> list[str]:
-    """:func:`ensure_topics`, retrying while the broker is unreachable, up to ``wait_seconds``.
-
-    A partition mismatch is raised at once: waiting does not fix it.
-    """
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    deadline = time.monotonic() + wait_seconds
-    specs = list(topics)
-    while True:
-        try:
-            return ensure_topics(admin, partitions, specs, replication_factor, timeout=5.0)
-        except TopicAdminError as exc:
-            if time.monotonic() >= deadline:
-                raise TopicAdminError(
-                    f"Kafka at {bootstrap_servers} not reachable within {wait_seconds:g} s: {exc}"
-                ) from exc
-            log.info("waiting for Kafka at %s: %s", bootstrap_servers, exc)
-            time.sleep(1.0)

@@ -23,6 +23,7 @@ from local_stack.process import (
     port_in_use,
     require_free_port,
 )
+from local_stack.testing import wait_until
 from local_stack.tests._util import children, command_name, gone
 
 
@@ -82,10 +83,7 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_its_grandchildren(tmp_path:
     started = time.monotonic()
     assert process.stop(grace=0.5) == -signal.SIGKILL
     assert time.monotonic() - started < 5
-    deadline = time.monotonic() + 5
-    while not gone(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gone(grandchild)
+    wait_until(lambda: gone(grandchild), timeout=5)
 
 
 def test_port_helpers() -> None:
