@@ -500,19 +500,12 @@ class PublishFailed(Exception):
 
 
 class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]):
-    def __init__(
-        self,
-        settings: CalculatorSettings,
-        store: SellableStore,
-        progress: Progress,
-        metrics: CalculatorMetrics,
-        stop: threading.Event,
-    ) -> None:
-        self._settings = settings
-        self._store = store
-        self._progress = progress
-        self._published = metrics.published
-        self._stop = stop
+    def __init__(self, sink: SellableSink) -> None:
+        self._settings = settings = sink.settings
+        self._store = sink.store
+        self._progress = sink.progress
+        self._published = sink.metrics.published
+        self._stop = sink.stop
         self._serde = value_serde(
             SELLABLE_SCHEMA, SELLABLE_INVENTORY.name, settings.schema_registry_url
         )
@@ -645,10 +638,11 @@ class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
         metrics: CalculatorMetrics,
         stop: threading.Event,
     ) -> None:
-        self._args = (settings, store, progress, metrics, stop)
+        self.settings, self.store, self.progress = settings, store, progress
+        self.metrics, self.stop = metrics, stop
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SellableSinkPartition:
-        return _SellableSinkPartition(*self._args)
+        return _SellableSinkPartition(self)
 
 
 def build_dataflow(

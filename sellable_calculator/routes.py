@@ -222,14 +222,16 @@ INSTANCE_UNAVAILABLE = error_doc("Another instance did not answer (`instance_una
 """The 503 of a GET that asks every instance (:func:`fan_out`)."""
 
 
+def _fan_out_answers(bad_request: str) -> dict[int | str, dict[str, Any]]:
+    """The documented errors of a GET that asks every instance."""
+    return {422: error_doc(bad_request), 503: INSTANCE_UNAVAILABLE}
+
+
 @router.get(
     "/inventory/locations/{location}/skus",
     response_model=LocationInventory,
     summary="Every sku of a location, from every instance",
-    responses={
-        422: error_doc("The location breaks the id rule, or a bad scope"),
-        503: INSTANCE_UNAVAILABLE,
-    },
+    responses=_fan_out_answers("The location breaks the id rule, or a bad scope"),
 )
 async def list_location(location: LocationPath, request: Request, scope: Scope = "all") -> Response:
     """Every sku of the location with its sellable count: from this instance's store
@@ -257,10 +259,7 @@ async def list_location(location: LocationPath, request: Request, scope: Scope =
     "/inventory/count",
     response_model=KeyCount,
     summary="How many keys the instances hold",
-    responses={
-        422: error_doc("A bad scope"),
-        503: INSTANCE_UNAVAILABLE,
-    },
+    responses=_fan_out_answers("A bad scope"),
 )
 async def count(request: Request, scope: Scope = "all") -> Response:
     """How many keys this instance's store holds and, unless `scope` is `local`, every

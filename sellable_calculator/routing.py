@@ -23,14 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Producer,
-    TopicPartition,
-)
+import confluent_kafka as kafka
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from sellable_calculator.settings import CalculatorSettings
 from shared_schemas.topics import CALCULATOR_INSTANCES
@@ -237,7 +231,9 @@ class RoutingFollower:
             }
         )
         # No consumer group: every instance must see every record.
-        consumer.assign([TopicPartition(CALCULATOR_INSTANCES.name, 0, OFFSET_BEGINNING)])
+        consumer.assign(
+            [kafka.TopicPartition(CALCULATOR_INSTANCES.name, 0, kafka.OFFSET_BEGINNING)]
+        )
         return consumer
 
     def _run(self) -> None:
