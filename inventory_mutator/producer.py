@@ -300,7 +300,10 @@ class AsyncProducer:
         self._config: dict[str, Any] = {
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 0,
+            # Up to 2 ms to gather concurrent requests into one produce request: the
+            # broker then answers fewer, larger requests, which at 32 concurrent POSTs
+            # lowered the median latency (17 ms to 10 ms here) as well as raising the rate.
+            "linger.ms": 2,
             **config,
         }
         self._check = check
