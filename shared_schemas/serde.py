@@ -73,7 +73,7 @@ def _read_body(data: bytes, offset: int, writer: AvroSchema, reader: AvroSchema)
 def _write_body(schema: AvroSchema, record: Mapping[str, Any], header: bytes = b"") -> bytes:
     try:
         # fastavro's writer alone would happily write 2**40 into an Avro int, producing
-        # bytes other readers reject; validating first costs about 2 µs a record.
+        # bytes other readers reject; validating first is cheap next to encoding.
         validate(record, schema.parsed, raise_errors=True)
         buffer = io.BytesIO()
         buffer.write(header)
