@@ -141,17 +141,16 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
 
     def __init__(
         self,
+        source: MutationSource,
         consumer: Consumer,
         kind: int,
         partition: int,
         next_offset: int,
         serde: ValueSerde,
-        key_check: _KeyCheck,
-        batch_size: int,
-        stop: threading.Event,
-        metrics: CalculatorMetrics,
-        health: DataflowHealth,
     ) -> None:
+        """One partition of ``source`` (its settings, stop event, metrics and health),
+        reading ``consumer`` from ``next_offset``."""
+        metrics = source.metrics
         self._consumer = consumer
         self._kind = kind
         self._topic = INPUT_TOPICS[kind]
@@ -159,19 +158,19 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._item_key = str(partition)
         self._next_offset = next_offset
         self._serde = serde
-        self._key_check = key_check
-        self._batch_size = batch_size
-        self._stop = stop
+        self._key_check = source.key_check
+        self._batch_size = source.settings.calculator_batch_size
+        self._stop = source.stop
         self._records = metrics.records.labels(self._topic)
         self._undecodable = metrics.undecodable.labels(self._topic)
         self._lag = metrics.lag.labels(self._topic, str(partition))
         self._tp = TopicPartition(self._topic, partition)
         self._awake: datetime | None = None
         self._lag_due = 0.0
-        self._health = health
+        self._health = source.health
         self._out_of_range: str | None = None
         self._started = False
-        health.expect_input(self._topic, partition)
+        self._health.expect_input(self._topic, partition)
 
     def next_batch(self) -> list[tuple[str, MutationBatch]]:
         if self._stop.is_set():
@@ -291,17 +290,14 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         metrics: CalculatorMetrics,
         health: DataflowHealth,
     ) -> None:
-        self._settings = settings
-        self._stop = stop
-        self._metrics = metrics
-        self._health = health
-        self._key_check = _KeyCheck(settings.topic_partitions)
+        self.settings, self.stop, self.metrics, self.health = settings, stop, metrics, health
+        self.key_check = _KeyCheck(settings.topic_partitions)
 
     def list_parts(self) -> list[str]:
         return [
             f"{kind}:{partition}"
             for kind in (ADJUSTMENT, RESERVATION)
-            for partition in self._settings.owned_partitions
+            for partition in self.settings.owned_partitions
         ]
 
     def build_part(
@@ -318,9 +314,9 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
 
         consumer = Consumer(
             {
-                "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+                "bootstrap.servers": self.settings.kafka_bootstrap_servers,
                 # Offsets live in Bytewax's recovery snapshots, not in a consumer group.
-                "group.id": f"{self._settings.instance_id}-unused",
+                "group.id": f"{self.settings.instance_id}-unused",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "statistics.interval.ms": 1000,
@@ -338,20 +334,9 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         start = "from the beginning" if resume_state is None else f"from offset {next_offset}"
         log.info("reading %s[%d] %s", INPUT_TOPICS[kind], partition, start)
         serde = value_serde(
-            INVENTORY_MUTATION, INPUT_TOPICS[kind], self._settings.schema_registry_url
+            INVENTORY_MUTATION, INPUT_TOPICS[kind], self.settings.schema_registry_url
         )
-        part = _MutationPartition(
-            consumer,
-            kind,
-            partition,
-            max(next_offset, 0),
-            serde,
-            self._key_check,
-            self._settings.calculator_batch_size,
-            self._stop,
-            self._metrics,
-            self._health,
-        )
+        part = _MutationPartition(self, consumer, kind, partition, max(next_offset, 0), serde)
         return part
 
 
