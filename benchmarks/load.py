@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +170,13 @@ def measure_in_rounds(
     seconds: float = 10.0,
     concurrency: int = 32,
     warmup_seconds: float = 2.0,
+    after_each_round: Callable[[int], None] | None = None,
 ) -> dict[Target, list[LoadResult]]:
-    """Warm every target up, then load them in turn, ``rounds`` times; print each row."""
+    """Warm every target up, then load them in turn, ``rounds`` times; print each row.
+
+    ``after_each_round`` (given the round number) measures something else in turn with
+    the servers, so that it sees the same drift of the machine as they do.
+    """
     for target in targets:
         run_wrk(target.url, concurrency, warmup_seconds, target.method, target.body)
     print(
@@ -186,6 +191,8 @@ def measure_in_rounds(
             result = run_wrk(target.url, concurrency, seconds, target.method, target.body)
             results[target].append(result)
             print(result.row(f"{target.name} #{round_number}"), flush=True)
+        if after_each_round is not None:
+            after_each_round(round_number)
     return results
 
 
