@@ -43,6 +43,7 @@ from local_stack.process import (
     ProcessFailed,
     require_free_port,
 )
+from local_stack.supervisor import Supervised
 
 log = logging.getLogger("local_stack")
 
@@ -63,6 +64,9 @@ class Stack(contextlib.ExitStack):
         """Settings every service gets: where Kafka and Cassandra are."""
         self.services: dict[str, dict[str, object]] = {}
         """Each service process started, as :func:`local_stack.paths.services_file` lists it."""
+        self.supervise = True
+        """Start a service process again when it dies (``up --no-supervise``: not)."""
+        self.services_lock = threading.Lock()
 
     def on_stop(self, name: str, stop: Callable[[], object]) -> None:
         """Call ``stop`` at the end, logged; if it fails, the rest are still stopped."""
@@ -156,11 +160,18 @@ def _start_service(
         name, [sys.executable, "-m", module], env={**os.environ, **stack.env, **env}
     )
     follower = _Follower(name, process.log_path, width)
-    process.start()
+    supervised = Supervised(process, lambda pid: _restarted(stack, name, pid))
+    if stack.supervise:
+        supervised.start()
+    else:
+        process.start()
     follower.start()
 
     def stop() -> None:
-        process.stop()
+        if stack.supervise:
+            supervised.stop()
+        else:
+            process.stop()
         follower.stopped.set()
 
     stack.on_stop(name, stop)
@@ -178,12 +189,26 @@ def _start_service(
 
 def _publish_services(stack: Stack) -> None:
     """Write :func:`services_file` (whole or not at all), and remove it first on stop."""
+    _write_services(stack)
+    stack.callback(services_file().unlink, missing_ok=True)
+
+
+def _write_services(stack: Stack) -> None:
     path = services_file()
     partial = path.with_name(path.name + ".partial")
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps(stack.services, indent=1))
-    partial.replace(path)
-    stack.callback(path.unlink, missing_ok=True)
+    with stack.services_lock:
+        partial.write_text(json.dumps(stack.services, indent=1))
+        partial.replace(path)
+
+
+def _restarted(stack: Stack, name: str, pid: int) -> None:
+    """Note a service's new process in :func:`services_file` (once it has been written)."""
+    service = stack.services[name]
+    service["pid"] = pid
+    service["restarts"] = int(str(service.get("restarts", 0))) + 1
+    if services_file().exists():
+        _write_services(stack)
 
 
 def _tour(mutator_port: int, service_port: int, calculator_ports: list[int]) -> str:
@@ -267,6 +292,7 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
     calculator_ports = [args.calculator_port + i for i in range(args.calculators)]
     for port in [args.mutator_port, args.service_port, *calculator_ports]:
         require_free_port(port, "the system")
+    stack.supervise = not args.no_supervise
     if not external_kafka():
         _fresh_state()
     _start_broker(stack, args.kafka_port)
@@ -342,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                 help="port of calculator 0; instance i listens on this + i",
             )
             sub.add_argument("--kafka-port", type=int, default=9092, help="embedded broker")
+            sub.add_argument(
+                "--no-supervise",
+                action="store_true",
+                help="do not start a service process again when it dies (tests that "
+                "kill and restart processes themselves)",
+            )
             sub.add_argument("--cassandra-port", type=int, default=9042, help="embedded Cassandra")
     args = parser.parse_args(argv)
     logging.basicConfig(

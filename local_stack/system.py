@@ -102,6 +102,8 @@ def started_system(
         str(free_port()),
         "--cassandra-port",
         str(free_port()),
+        # The tests and the chaos trials kill and restart processes themselves.
+        "--no-supervise",
     ]
     process = ManagedProcess("make-up", command, env=env, log_dir=home / "logs")
     process.start()
