@@ -81,6 +81,9 @@ class ServerConfig(uvicorn.Config):
         self.max_head_bytes = max_head_bytes
 
 
+MAX_TARGET_BYTES = 65_535
+"""The longest request target httptools can parse."""
+
 _HEAD = object()
 """Phase marker: the bytes of a request head are arriving (no request parsed yet)."""
 
@@ -148,7 +151,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        """A request httptools cannot parse: the JSON error body, then close."""
+        """A request httptools cannot parse: the JSON error body, then close.
+
+        httptools cannot split a request target over 65,535 bytes (its URL parser counts
+        in 16 bits): that is the client's long URL, not broken HTTP, so it gets 414.
+        """
+        url: bytes = getattr(self, "url", b"")
+        if len(url) > MAX_TARGET_BYTES:
+            message = (
+                f"The request target (path and query) is {len(url)} bytes; at most "
+                f"{MAX_TARGET_BYTES} are read."
+            )
+            self._refuse(414, "uri_too_long", message)
+            return
         self._refuse(400, "malformed_request", f"{msg} It is not valid HTTP/1.1.")
 
     def _head_too_large_message(self) -> str:
@@ -159,7 +174,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, error: str, message: str) -> None:
         body = json.dumps({"error": error, "message": message}).encode()
-        reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}[status]
+        reason = {
+            400: b"Bad Request",
+            414: b"URI Too Long",
+            431: b"Request Header Fields Too Large",
+        }[status]
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (status, reason, len(body), body)
