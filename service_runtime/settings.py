@@ -89,7 +89,8 @@ class HttpServerSettings(ServiceSettingsBase):
         1_048_576,
         ge=16_384,
         description="A request line and headers larger than this are answered 431 and the "
-        "connection closed (room for a 64 KiB id percent-encoded, which then gets its 422).",
+        "connection closed (room for the longest request target httptools can parse, "
+        "65,535 bytes, and generous headers).",
     )
 
 
