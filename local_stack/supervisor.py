@@ -18,13 +18,13 @@ kills it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from local_stack.process import ManagedProcess
-from service_runtime.retry import Backoff
+from service_runtime.retry import Backoff, RetryStopped, retrying
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,10 @@ RESTART_BACKOFF = Backoff(first=1.0, cap=30.0)
 """Waits before starting a process again, after each death in a row."""
 HEALTHY_RUN_SECONDS = 60.0
 """A process that ran this long before dying starts the backoff over."""
+
+
+class ProcessExited(Exception):
+    """A supervised process exited without being asked to."""
 
 
 class Supervised:
@@ -52,6 +56,7 @@ class Supervised:
         self._on_restart = on_restart
         self._backoff = backoff
         self._stopping = threading.Event()
+        self._ran = False
         self._lock = threading.Lock()  # a restart and a stop never interleave
         self._thread = threading.Thread(
             target=self._watch, name=f"supervise-{process.name}", daemon=True
@@ -71,32 +76,36 @@ class Supervised:
         return status
 
     def _watch(self) -> None:
-        failures = 0
-        while True:
-            started = time.monotonic()
-            status = self.process.wait()
+        restart = retrying(
+            self.process.name,
+            self._backoff,
+            retry_on=ProcessExited,
+            stop=self._stopping,
+            fresh_after=HEALTHY_RUN_SECONDS,
+            logger=log,
+            level=logging.ERROR,
+        )
+        with contextlib.suppress(RetryStopped):  # stopped while waiting to start it again
+            restart(self._run)
+
+    def _run(self) -> None:
+        """Wait for the process to exit (starting it again first, after the first time);
+        :class:`ProcessExited` unless that was :meth:`stop`."""
+        if self._ran:
+            self._start_again()
+        self._ran = True
+        status = self.process.wait()
+        if not self._stopping.is_set():
+            raise ProcessExited(f"pid {self.process.pid} exited with status {status}")
+
+    def _start_again(self) -> None:
+        with self._lock:
             if self._stopping.is_set():
-                return
-            failures = 1 if time.monotonic() - started >= HEALTHY_RUN_SECONDS else failures + 1
-            delay = self._backoff.delay(failures)
-            log.error(
-                "%s (pid %s) exited with status %s; starting it again in %g s",
-                self.process.name,
-                self.process.pid,
-                status,
-                delay,
-            )
-            if self._stopping.wait(delay):
-                return
-            with self._lock:
-                if self._stopping.is_set():
-                    return
-                self.process.start()
-                self.restarts += 1
-            pid = self.process.pid
-            assert pid is not None
-            log.warning(
-                "%s started again (pid %d, restart %d)", self.process.name, pid, self.restarts
-            )
-            if self._on_restart is not None:
-                self._on_restart(pid)
+                raise RetryStopped("stopped")
+            self.process.start()
+            self.restarts += 1
+        pid = self.process.pid
+        assert pid is not None
+        log.warning("%s started again (pid %d, restart %d)", self.process.name, pid, self.restarts)
+        if self._on_restart is not None:
+            self._on_restart(pid)
