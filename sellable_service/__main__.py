@@ -29,10 +29,7 @@ def main() -> int:
         settings,
         create_app,
         lambda s: (s.service_host, s.service_port),
-        lambda s: (
-            f"Kafka {s.kafka_bootstrap_servers}, topic {s.service_topic}; "
-            f"Cassandra {','.join(s.cassandra_contact_points)}:{s.cassandra_port}"
-        ),
+        ServiceSettings.connections,
     )
 
 

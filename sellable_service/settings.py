@@ -69,3 +69,10 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
         description="Cassandra batches in flight at once. High because a durable write "
         "waits for its commit-log sync: writes in flight together share one sync.",
     )
+
+    def connections(self) -> str:
+        """What the service reads from and writes to, for its start-up log line."""
+        return (
+            f"Kafka {self.kafka_bootstrap_servers}, topic {self.service_topic}; "
+            f"Cassandra {','.join(self.cassandra_contact_points)}:{self.cassandra_port}"
+        )

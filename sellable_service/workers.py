@@ -217,16 +217,13 @@ def serve_with_workers(settings: ServiceSettings) -> int:
     os.environ[METRICS_ENV] = str(metrics_dir)
     log.info(
         "sellable_service listening on http://%s:%d with %d API workers and one writer "
-        "process (%s, %s; Kafka %s, topic %s; Cassandra %s:%d)",
+        "process (%s, %s); %s",
         settings.service_host,
         settings.service_port,
         settings.service_workers,
         HTTP_IMPLEMENTATION,
         EVENT_LOOP,
-        settings.kafka_bootstrap_servers,
-        settings.service_topic,
-        ",".join(settings.cassandra_contact_points),
-        settings.cassandra_port,
+        settings.connections(),
     )
     writer = _WriterSupervisor(report)
     writer.start()
