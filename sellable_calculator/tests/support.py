@@ -6,6 +6,7 @@ Imported by the test modules and by ``conftest.py`` (which holds only the fixtur
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -16,7 +17,7 @@ from typing import Any
 import httpx
 from confluent_kafka import Producer
 
-from local_stack.process import ManagedProcess
+from local_stack.process import ManagedProcess, free_port
 from sellable_calculator.dataflow import (
     ADJUSTMENT,
     INPUT_TOPICS,
@@ -153,6 +154,23 @@ class Calculator:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def lone_calculator(bootstrap: str, state: Path, name: str, **extra: str) -> Calculator:
+    """One calculator (not started) owning every partition of ``bootstrap``'s topics, its
+    state and logs under ``state``, with an instance id starting ``name``."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "TOPIC_PARTITIONS": str(PARTITIONS),
+        "CALCULATOR_PORT": str(port),
+        "CALCULATOR_INSTANCE_COUNT": "1",
+        "CALCULATOR_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",
+        "CALCULATOR_STATE_DIR": str(state),
+        **extra,
+    }
+    return Calculator(0, port, env, state / "logs")
 
 
 def unique_location(prefix: str = "LOC") -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import uuid
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ from confluent_kafka.admin import AdminClient
 from local_stack.broker import EmbeddedBroker
 from local_stack.process import free_port
 from local_stack.testing import wait_until
-from sellable_calculator.tests.support import PARTITIONS, Calculator
+from sellable_calculator.tests.support import PARTITIONS, Calculator, lone_calculator
 from shared_schemas.topics import ensure_topics
 
 
@@ -27,17 +26,7 @@ def _ready(calculator: Calculator) -> httpx.Response:
 def test_a_frozen_or_killed_broker_makes_the_calculator_not_ready(tmp_path: Path) -> None:
     with EmbeddedBroker(port=free_port(), log_dir=tmp_path) as broker:
         ensure_topics(AdminClient({"bootstrap.servers": broker.bootstrap_servers}), PARTITIONS)
-        port = free_port()
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "TOPIC_PARTITIONS": str(PARTITIONS),
-            "CALCULATOR_PORT": str(port),
-            "CALCULATOR_INSTANCE_COUNT": "1",
-            "CALCULATOR_INSTANCE_ID": f"ready-{uuid.uuid4().hex[:6]}",
-            "CALCULATOR_STATE_DIR": str(tmp_path),
-        }
-        calculator = Calculator(0, port, env, tmp_path / "logs")
+        calculator = lone_calculator(broker.bootstrap_servers, tmp_path, "ready")
         calculator.start()
         try:
             wait_until(lambda: _ready(calculator).status_code == 200, timeout=30)

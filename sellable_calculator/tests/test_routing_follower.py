@@ -9,7 +9,6 @@ import os
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingFollower, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import SellableStore
-from sellable_calculator.tests.support import PARTITIONS, Calculator
+from sellable_calculator.tests.support import PARTITIONS, Calculator, lone_calculator
 from shared_schemas.topics import CALCULATOR_INSTANCES, ensure_topics
 
 GHOST = InstanceInfo("ghost", "http://127.0.0.1:1", (), PARTITIONS, 0.0)
@@ -140,18 +139,7 @@ def test_readiness_is_503_when_the_routing_table_is_not_followed(tmp_path: Path)
 
 
 def _calculator(broker: EmbeddedBroker, tmp_path: Path, **extra: str) -> Calculator:
-    port = free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-        "TOPIC_PARTITIONS": str(PARTITIONS),
-        "CALCULATOR_PORT": str(port),
-        "CALCULATOR_INSTANCE_COUNT": "1",
-        "CALCULATOR_INSTANCE_ID": f"routing-{uuid.uuid4().hex[:6]}",
-        "CALCULATOR_STATE_DIR": str(tmp_path),
-        **extra,
-    }
-    return Calculator(0, port, env, tmp_path / "logs")
+    return lone_calculator(broker.bootstrap_servers, tmp_path, "routing", **extra)
 
 
 def _ready(calculator: Calculator) -> httpx.Response:
