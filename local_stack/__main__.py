@@ -252,7 +252,7 @@ def _wait_for_signal() -> None:
 
 def _fresh_state() -> None:
     # The embedded broker keeps topics in memory only: state derived from an earlier
-    # run's topics (calculator stores and recovery snapshots, the Cassandra read model)
+    # run's topics (calculator stores, the Cassandra read model)
     # would refer to offsets that no longer exist, so an embedded run starts empty.
     for path in (state_dir() / "calculator", run_dir()):
         shutil.rmtree(path, ignore_errors=True)
@@ -287,8 +287,8 @@ def cmd_infra(args: argparse.Namespace, stack: Stack) -> None:
 
 def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
     """The whole system on the embedded defaults."""
-    if args.calculators < 1 or args.partitions < args.calculators:
-        raise PrerequisiteError("need at least one calculator and one partition per calculator")
+    if args.calculators < 1:
+        raise PrerequisiteError("need at least one calculator")
     calculator_ports = [args.calculator_port + i for i in range(args.calculators)]
     for port in [args.mutator_port, args.service_port, *calculator_ports]:
         require_free_port(port, "the system")
@@ -306,8 +306,8 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
             f"calculator-{index}",
             "sellable_calculator",
             {
-                "CALCULATOR_INSTANCE_INDEX": str(index),
-                "CALCULATOR_INSTANCE_COUNT": str(args.calculators),
+                # Nothing but the port: the instances find each other in the calculator
+                # group, which assigns the partitions.
                 "CALCULATOR_PORT": str(port),
                 # The state belongs with this run's topics: under the stack's own home.
                 "CALCULATOR_STATE_DIR": str(state_dir() / "calculator"),

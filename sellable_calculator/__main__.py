@@ -1,15 +1,18 @@
-"""Run one calculator instance: the Bytewax dataflow plus its REST API, in one process.
+"""Run one calculator instance: group membership, the Bytewax dataflow and its REST API.
 
-    python -m sellable_calculator                      # instance 0 of 2, port 9094
-    CALCULATOR_INSTANCE_INDEX=1 CALCULATOR_PORT=9095 python -m sellable_calculator
+    python -m sellable_calculator                      # port 9094
+    python -m sellable_calculator --port 9095          # one more: it joins the group
     python -m sellable_calculator --workers 2          # two Bytewax workers
 
-The dataflow runs on the main thread (Bytewax wants it there for signal handling); the
-API runs on a uvicorn server thread and reads the same RocksDB store. SIGTERM or SIGINT
-stops the sources, lets Bytewax close the epoch and the sinks flush, then stops the API.
-A second signal exits at once; Bytewax recovery makes even that (or kill -9) safe.
-If the routing follower fails and cannot recover, the instance stops the same way and
-exits with status 1, so that a supervisor restarts it.
+The instance joins the calculator group (:mod:`sellable_calculator.membership`); each
+assignment of partitions the group hands it is restored (:mod:`sellable_calculator.changelog`)
+and run by a dataflow of its own on the main thread (Bytewax wants it there for signal
+handling), until the group takes the assignment back. The API runs on a uvicorn server
+thread and reads the same RocksDB store. SIGTERM or SIGINT stops the dataflow (its sinks
+flush), leaves the group (the others take the partitions over at once) and the routing
+table, then stops the API. A second signal exits at once; the changelog makes even that
+(or kill -9) safe. If the routing follower fails and cannot recover, the instance stops
+the same way and exits with status 1, so that a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -21,18 +24,17 @@ import signal
 import sys
 import threading
 import time
-from datetime import timedelta
-from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
-from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from sellable_calculator.app import create_app
-from sellable_calculator.dataflow import INPUT_TOPICS, build_dataflow
-from sellable_calculator.health import DataflowHealth
+from sellable_calculator.changelog import INPUT_TOPICS, restore
+from sellable_calculator.dataflow import Generation, build_dataflow
+from sellable_calculator.membership import Assignments, GroupMembership
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import (
@@ -52,10 +54,8 @@ from service_runtime.server import (
     start_in_thread,
     tune_gc_for_serving,
 )
-from shared_schemas.topics import (
-    TopicAdminError,
-    TopicMismatchError,
-)
+from shared_schemas.partitioner import partition_for
+from shared_schemas.topics import TopicAdminError, TopicMismatchError
 
 log = logging.getLogger("sellable_calculator")
 
@@ -63,13 +63,14 @@ log = logging.getLogger("sellable_calculator")
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sellable_calculator", description=__doc__)
     parser.add_argument("--workers", type=int, help="Bytewax workers (CALCULATOR_WORKERS)")
-    parser.add_argument("--index", type=int, help="instance index (CALCULATOR_INSTANCE_INDEX)")
     parser.add_argument("--port", type=int, help="REST port (CALCULATOR_PORT)")
     return parser.parse_args(argv)
 
 
-def _end_offsets(settings: CalculatorSettings) -> dict[tuple[str, int], int]:
-    """High watermarks of the owned input partitions: what 'caught up' means at start."""
+def _end_offsets(
+    settings: CalculatorSettings, partitions: tuple[int, ...]
+) -> dict[tuple[str, int], int]:
+    """High watermarks of the assigned input partitions: what 'caught up' means."""
     consumer = Consumer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "unused"}
     )
@@ -77,7 +78,7 @@ def _end_offsets(settings: CalculatorSettings) -> dict[tuple[str, int], int]:
         return {
             (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
             for topic in INPUT_TOPICS
-            for p in settings.owned_partitions
+            for p in partitions
         }
     finally:
         consumer.close()
@@ -150,8 +151,8 @@ def _warn_if_state_is_from_other_topics(
         "the state in %s was built from records the broker does not have "
         "(partition: offset already applied %s). Was the broker reset or were the topics "
         "recreated? Those partitions stay not ready until the topics reach that offset. "
-        "If the topics really are new, stop this instance, delete that directory (or set "
-        "CALCULATOR_STATE_DIR elsewhere) and start again.",
+        "If the topics really are new, stop every calculator, delete their state "
+        "directories (CALCULATOR_STATE_DIR) and start again.",
         settings.instance_dir,
         missing,
     )
@@ -163,6 +164,15 @@ def _withdraw(settings: CalculatorSettings, me: InstanceInfo) -> None:
         withdraw(settings, me)
     except (RuntimeError, KafkaException) as exc:
         log.warning("could not withdraw from the routing table: %s", exc)
+
+
+def _advertise(settings: CalculatorSettings, me: InstanceInfo) -> None:
+    """Advertise ``me``; a failure is logged (the others route by the last record they
+    saw: to an owner that answers 503 for a moment, never to a wrong value)."""
+    try:
+        advertise(settings, me)
+    except (RuntimeError, KafkaException) as exc:
+        log.warning("could not advertise %s: %s", me.instance_id, exc)
 
 
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
@@ -178,26 +188,36 @@ def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Th
 
 
 class _Stopping:
-    """Why the instance stops: a signal, or a routing table nobody keeps current any more.
+    """Why the instance stops: a signal, or a part it cannot run without (the routing
+    follower, the group membership) that failed for good.
 
-    ``requested`` is the event the dataflow's sources watch; setting it stops them, and
-    Bytewax then closes the epoch and lets the sinks flush.
+    ``requested`` is set once a stop began; :attr:`assignments` is closed at the same
+    time, which stops the running dataflow (Bytewax closes the epoch, the sinks flush).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, assignments: Assignments) -> None:
         self.requested = threading.Event()
-        self.routing_lost = threading.Event()
+        self.failed = threading.Event()
+        self.assignments = assignments
 
-    def on_routing_lost(self, exc: BaseException) -> None:
-        """The routing follower gave up: stop, and exit 1 afterwards."""
-        # Serving with a routing table nobody keeps current would send requests to
-        # instances that moved or died: stop (cleanly, so the state stays consistent)
-        # and exit non-zero, so that a supervisor restarts this instance.
-        log.error(
-            "the routing table can no longer be kept current (%s): stopping the instance", exc
-        )
-        self.routing_lost.set()
+    def on_failure(self, what: str) -> Callable[[BaseException], None]:
+        """A callback for ``what`` failing for good: stop, and exit 1 afterwards."""
+
+        def failed(exc: BaseException) -> None:
+            # Serving with a routing table nobody keeps current, or partitions the group
+            # may have given to someone else, would answer from the wrong instance: stop
+            # (cleanly, so the changelog stays consistent) and exit non-zero, so that a
+            # supervisor restarts this instance.
+            log.error("%s failed for good (%s): stopping the instance", what, exc)
+            self.failed.set()
+            self.stop()
+
+        return failed
+
+    def stop(self) -> None:
+        """Begin a stop: no more assignments, the running dataflow ends."""
         self.requested.set()
+        self.assignments.close()
 
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         """SIGTERM or SIGINT: stop cleanly; a second one exits at once."""
@@ -205,7 +225,7 @@ class _Stopping:
             log.warning("second %s: exiting now", signal.Signals(signum).name)
             os._exit(130)
         log.info("%s received: stopping the dataflow", signal.Signals(signum).name)
-        self.requested.set()
+        self.stop()
 
 
 def _settings(argv: list[str] | None) -> CalculatorSettings | None:
@@ -214,7 +234,6 @@ def _settings(argv: list[str] | None) -> CalculatorSettings | None:
     args = _parse_args(argv)
     overrides = {
         "calculator_workers": args.workers,
-        "calculator_instance_index": args.index,
         "calculator_port": args.port,
     }
     return load_settings(
@@ -228,36 +247,18 @@ def _configure_process(settings: CalculatorSettings) -> None:
     # hands the GIL to a waiting request sooner (the default is 5 ms).
     sys.setswitchinterval(0.0005)
     log.info(
-        "starting %s: partitions %s of %d, %d worker(s), Kafka %s",
+        "starting %s: group %s, %d partitions, %d worker(s), state in %s, Kafka %s",
         settings.instance_id,
-        list(settings.owned_partitions),
+        settings.calculator_group_id,
         settings.topic_partitions,
         settings.calculator_workers,
+        settings.instance_dir,
         settings.kafka_bootstrap_servers,
     )
 
 
-def _recovery_dir(settings: CalculatorSettings) -> Path:
-    """Bytewax's recovery partitions of this instance, created on its first start."""
-    recovery_dir = settings.instance_dir / "recovery"
-    if not recovery_dir.exists():
-        recovery_dir.mkdir(parents=True)
-        init_db_dir(recovery_dir, max(1, settings.calculator_workers))
-        log.info("created recovery partitions in %s", recovery_dir)
-    return recovery_dir
-
-
-def _expecting_every_input(settings: CalculatorSettings) -> DataflowHealth:
-    """Dataflow health that is not ready until every owned input partition reads."""
-    health = DataflowHealth()
-    for topic in INPUT_TOPICS:
-        for partition in settings.owned_partitions:
-            health.expect_input(topic, partition)
-    return health
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run until the dataflow stops; the exit status says whether it stopped cleanly."""
+    """Run until stopped; the exit status says whether it stopped cleanly."""
     settings = _settings(argv)
     if settings is None:
         return 2
@@ -268,49 +269,60 @@ def main(argv: list[str] | None = None) -> int:
             settings.topic_partitions,
             settings.topic_replication_factor,
         )
-        end_offsets = _end_offsets(settings)
     except (TopicMismatchError, TopicAdminError, KafkaException) as exc:
         log.error("cannot start: %s", exc)
         return 2
 
-    recovery_dir = _recovery_dir(settings)
     store = SellableStore(settings.instance_dir / "store")
-    _warn_if_state_is_from_other_topics(settings, store, end_offsets)
-    stopping = _Stopping()
+    assignments = Assignments()
+    stopping = _Stopping(assignments)
     routing = RoutingTable(InstanceInfo.of(settings))
-    follower = RoutingFollower(routing, settings, on_failure=stopping.on_routing_lost)
-    dataflow_done = threading.Event()
+    follower = RoutingFollower(
+        routing, settings, on_failure=stopping.on_failure("the routing follower")
+    )
+    membership = GroupMembership(
+        settings, assignments, on_failure=stopping.on_failure("the group membership")
+    )
+    loop = _AssignmentLoop()
     runtime = CalculatorRuntime(
         settings,
         store,
         Progress(store.positions()),
         routing,
         CalculatorMetrics(),
-        dataflow_running=lambda: not dataflow_done.is_set(),
-        end_offsets_at_start=end_offsets,
-        health=_expecting_every_input(settings),
+        dataflow_running=lambda: loop.running,
         routing_following=lambda: follower.following,
+        in_group=lambda: membership.in_group,
     )
     signal.signal(signal.SIGTERM, stopping.on_signal)
     signal.signal(signal.SIGINT, stopping.on_signal)
-    return _run(runtime, follower, recovery_dir, stopping, dataflow_done)
+    return _run(runtime, follower, membership, assignments, stopping, loop)
+
+
+class _AssignmentLoop:
+    """Whether a dataflow runs (or has nothing to run): what readiness reports."""
+
+    def __init__(self) -> None:
+        self.running = False
 
 
 def _run(
     runtime: CalculatorRuntime,
     follower: RoutingFollower,
-    recovery_dir: Path,
+    membership: GroupMembership,
+    assignments: Assignments,
     stopping: _Stopping,
-    dataflow_done: threading.Event,
+    loop: _AssignmentLoop,
 ) -> int:
-    """Follow the routing table, advertise, serve the API and run the dataflow until it
-    stops; then stop the rest and close the store. The exit status."""
-    settings, me = runtime.settings, runtime.routing.me
+    """Follow the routing table, serve the API, join the group and run each assignment
+    until the instance stops; then leave the group and the table, stop the API and close
+    the store. The exit status."""
+    settings = runtime.settings
     server: uvicorn.Server | None = None
     status = 0
     try:
         follower.start()
-        advertise(settings, me)
+        _advertise(settings, runtime.routing.me)
         server, api_thread = _start_api(runtime)
         tune_gc_for_serving()
         log.info(
@@ -320,30 +332,29 @@ def _run(
             settings.calculator_port,
             settings.advertised_url,
         )
-        flow = build_dataflow(
-            settings,
-            runtime.store,
-            runtime.progress,
-            runtime.metrics,
-            stopping.requested,
-            runtime.health,
-        )
-        cli_main(
-            flow,
-            workers_per_process=settings.calculator_workers,
-            epoch_interval=timedelta(seconds=settings.calculator_epoch_seconds),
-            recovery_config=RecoveryConfig(str(recovery_dir)),
-        )
+        membership.start()
+        while (assignment := assignments.next()) is not None:
+            partitions, generation, stop = assignment
+            run = Generation(partitions, {}, stop, generation, membership.still_member)
+            try:
+                _run_assignment(runtime, run, loop)
+            finally:
+                loop.running = False
+                assignments.finished()
+            if assignments.take_lost() or run.fenced.is_set():
+                _forget(runtime, partitions)
         log.info("dataflow stopped")
-        if stopping.routing_lost.is_set():
+        membership.stop()
+        if stopping.failed.is_set():
             status = 1
         else:
-            _withdraw(settings, me)
+            _withdraw(settings, runtime.routing.me)
     except Exception as exc:
         log.error("%s failed: %s", settings.instance_id, exc, exc_info=not isinstance(exc, OSError))
         status = 1
     finally:
-        dataflow_done.set()
+        stopping.stop()
+        membership.stop(timeout=5)
         if server is not None:
             server.should_exit = True
             api_thread.join(timeout=10)
@@ -351,6 +362,72 @@ def _run(
         runtime.store.close()
         log.info("%s stopped", settings.instance_id)
     return status
+
+
+def _forget(runtime: CalculatorRuntime, partitions: tuple[int, ...]) -> None:
+    """The group gave ``partitions`` away while this instance was silent (frozen, or
+    starved past the session timeout). Another instance may have published newer states
+    meanwhile, and this one may have published and stored a batch after that: its store
+    is no longer something a catch-up from the changelog can repair. So these partitions
+    are no longer served from here, and their local state is deleted; if they come back,
+    they are restored from the changelog alone."""
+    runtime.owned = frozenset()
+    runtime.routing.set_me(runtime.routing.me.assigned((), (), 0))
+    partition_count = runtime.settings.topic_partitions
+    keys = runtime.store.forget(partitions, lambda key: partition_for(key, partition_count))
+    log.warning(
+        "partitions %s were taken away while this instance was silent: deleted their "
+        "local state (%d key(s)); they are restored from the changelog if they come back",
+        list(partitions),
+        keys,
+    )
+
+
+def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _AssignmentLoop) -> None:
+    """Restore the partitions of ``run`` and run their dataflow until ``run.stop`` is set."""
+    partitions, generation, stop = run.partitions, run.generation, run.stop
+    settings, routing, metrics = runtime.settings, runtime.routing, runtime.metrics
+    metrics.rebalances.inc()
+    kept = runtime.owned & frozenset(partitions)
+    runtime.owned = kept  # partitions that moved away are not served from here any more
+    restoring = tuple(p for p in partitions if p not in kept)
+    routing.set_me(routing.me.assigned(partitions, restoring, generation))
+    _advertise(settings, routing.me)
+    metrics.assigned_partitions.labels("restoring").set(len(restoring))
+    metrics.assigned_partitions.labels("active").set(len(kept))
+    runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
+    partition_count = settings.topic_partitions
+    states = restore(
+        settings,
+        runtime.store,
+        partitions,
+        lambda key: partition_for(key, partition_count),
+        stop,
+        metrics,
+    )
+    if states is None:
+        log.info("assignment %s revoked while restoring", list(partitions))
+        return
+    run.states.update(states)
+    for partition, state in states.items():
+        for kind, offset in state.applied.items():
+            runtime.progress.advance(INPUT_TOPICS[kind], partition, offset)
+    end_offsets = _end_offsets(settings, partitions)
+    runtime.end_offsets_at_start = end_offsets
+    _warn_if_state_is_from_other_topics(settings, runtime.store, end_offsets)
+    runtime.owned = frozenset(partitions)
+    routing.set_me(routing.me.assigned(partitions, (), generation))
+    _advertise(settings, routing.me)
+    metrics.assigned_partitions.labels("restoring").set(0)
+    metrics.assigned_partitions.labels("active").set(len(partitions))
+    loop.running = True
+    if not partitions:
+        log.info("%s has no partitions in this assignment", settings.instance_id)
+        stop.wait()
+        return
+    log.info("running partitions %s", list(partitions))
+    flow = build_dataflow(settings, run, runtime.store, runtime.progress, metrics, runtime.health)
+    cli_main(flow, workers_per_process=settings.calculator_workers)
 
 
 if __name__ == "__main__":

@@ -1,39 +1,37 @@
 """The Bytewax dataflow: adjustments and reservations in, sellable inventory out.
 
-Example (what ``python -m sellable_calculator`` does, minus the REST API)::
+Example (what ``python -m sellable_calculator`` does for each assignment of partitions)::
 
     from bytewax.run import cli_main
-    flow = build_dataflow(settings, store, progress, metrics, stop, DataflowHealth())
-    cli_main(flow, workers_per_process=1, epoch_interval=timedelta(seconds=2),
-             recovery_config=RecoveryConfig(recovery_dir))
+    states = restore(settings, store, partitions, partition_of, stop)
+    flow = build_dataflow(settings, Generation(partitions, states, stop, generation), store,
+                          progress, metrics, DataflowHealth())
+    cli_main(flow, workers_per_process=1)      # returns once ``stop`` is set
 
 The shape is a Kafka Streams task per partition, made explicit::
 
-    inventory_adjustments  p ─┐                       ┌─▶ local store (RocksDB)
-                              ├─▶ "p" ─▶ running sums ─┤
-    inventory_reservations p ─┘   per key              └─▶ sellable_inventory p
+    inventory_adjustments  p ─┐                       ┌─▶ sellable_inventory p
+                              ├─▶ "p" ─▶ running sums ─┼─▶ sellable_calculator_changelog p
+    inventory_reservations p ─┘   per key              └─▶ local store (RocksDB)
 
-* **Input**: :class:`MutationSource` reads exactly the partitions this instance owns of
-  both input topics. Records are decoded in the source, in batches; an undecodable one
-  is counted, logged with its topic/partition/offset and skipped (no dead-letter topic:
-  the input topics keep everything forever, so the record can always be found again).
+* **Input**: :class:`MutationSource` reads exactly the partitions this instance was
+  assigned, of both input topics, from the positions their restored state reflects.
+  Records are decoded in the source, in batches; an undecodable one is counted, logged
+  with its topic/partition/offset and skipped (no dead-letter topic: the input topics
+  keep everything forever, so the record can always be found again).
 * **State**: :class:`PartitionSums` is keyed by *partition number*, so partition p of
   both topics meets in one place, in order, with no shuffle between instances. It keeps
   on hand = Σ adjustments and reserved = Σ reservations per key; a key exists once it has
   an adjustment (the original's left join), and reservations that came first still count.
 * **Output**: :class:`SellableSink` publishes every changed value to ``sellable_inventory``
-  (same key bytes, same partition), waits for the broker's acknowledgement, and only then
-  writes the values together with the new input positions to the store.
+  (same key bytes, same partition) and every changed key state to the changelog, waits
+  for the broker's acknowledgement, and only then writes the states together with the
+  new input positions and changelog offsets to the store.
 
-Recovery: Bytewax snapshots the sums, the input offsets they include and the source
-offsets together at every epoch, so a crash resumes from a consistent point and replays
-what came after it: nothing is lost or counted twice. After a kill -9 the store is usually
-*ahead* of that snapshot (it is written every batch, the snapshot every epoch), and the
-two input topics replay through separate consumers, in no particular order relative to
-each other. So while a partition replays what its store already holds, its changes are
-held back (the store keeps serving the values it had, which were true); once both inputs
-have caught up with the store's positions, every key whose sums differ from the store is
-published and stored in one go. See :class:`PartitionSums`.
+State does not live in Bytewax (no Bytewax recovery): it lives in the store and in the
+changelog topic, which a new owner of a partition restores it from
+(:mod:`sellable_calculator.changelog`). A dataflow runs for one assignment of partitions;
+a rebalance stops it and the next assignment starts a new one.
 """
 
 from __future__ import annotations
@@ -41,44 +39,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any
 
 from bytewax import operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from sellable_calculator.changelog import (
+    ADJUSTMENT,
+    INPUT_TOPICS,
+    RESERVATION,
+    PartitionState,
+    encode_record,
+)
 from sellable_calculator.health import DataflowHealth, input_problem
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
-from sellable_calculator.store import Sellable, SellableStore
+from sellable_calculator.store import NO_STATE, KeyState, SellableStore
 from service_runtime.kafka import position_of
 from service_runtime.retry import Backoff, retrying
 from shared_schemas.partitioner import partition_for
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
 from shared_schemas.serde import SerdeError, ValueSerde, decode_key, value_serde
-from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_INVENTORY
+from shared_schemas.topics import SELLABLE_CHANGELOG, SELLABLE_INVENTORY
 
 log = logging.getLogger(__name__)
-
-ADJUSTMENT, RESERVATION = 0, 1
-INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
-"""Input topic names, indexed by ADJUSTMENT / RESERVATION."""
 
 _IDLE_BACKOFF = timedelta(milliseconds=10)
 """How long an idle input partition waits before polling again (adds at most this latency)."""
@@ -110,10 +104,34 @@ class PartitionUpdate:
     """What one run of :class:`PartitionSums` changed in one partition."""
 
     partition: int
-    changes: dict[bytes, Sellable]
-    """The new value of every key that changed."""
+    changes: dict[bytes, KeyState]
+    """The new state of every key that changed."""
+    resume: dict[int, int]
+    """Next offset to apply per input kind before this update: where the partition's
+    inputs resume if only part of this update reaches the changelog."""
     next_offsets: dict[int, int]
-    """Next offset to apply per input kind: the positions the values bring the store to."""
+    """Next offset to apply per input kind: the positions the states bring the store to."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One assignment of partitions to this instance, and the dataflow that runs it."""
+
+    partitions: tuple[int, ...]
+    states: dict[int, PartitionState]
+    """The restored state of every partition."""
+    stop: threading.Event
+    """Set when the assignment is revoked or the instance stops: the dataflow ends."""
+    generation: int
+    """When the assignment came (epoch ms); written into every changelog record."""
+    still_member: Callable[[threading.Event], bool | None] = lambda _stop: True
+    """Asks the group whether this instance still holds the assignment (None: no answer
+    before the event was set) (:meth:`GroupMembership.still_member`): the sink's fence
+    against publishing after a freeze during which the group gave the partitions away."""
+    fenced: threading.Event = field(default_factory=threading.Event)
+    """Set by the sink when the group said no: nothing more was published or stored, and
+    the dataflow stops. The local state of these partitions may then be behind the
+    changelog in ways a catch-up cannot see, so the next assignment restores them anew."""
 
 
 class MisplacedKeyError(SerdeError):
@@ -160,7 +178,7 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
         self._serde = serde
         self._key_check = source.key_check
         self._batch_size = source.settings.calculator_batch_size
-        self._stop = source.stop
+        self._stop = source.generation.stop
         self._records = metrics.records.labels(self._topic)
         self._undecodable = metrics.undecodable.labels(self._topic)
         self._lag = metrics.lag.labels(self._topic, str(partition))
@@ -281,31 +299,38 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
 
 
 class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
-    """The owned partitions of both input topics, as batches keyed by partition number."""
+    """The assigned partitions of both input topics, as batches keyed by partition number."""
 
     def __init__(
         self,
         settings: CalculatorSettings,
-        stop: threading.Event,
+        generation: Generation,
         metrics: CalculatorMetrics,
         health: DataflowHealth,
     ) -> None:
-        self.settings, self.stop, self.metrics, self.health = settings, stop, metrics, health
+        self.settings, self.generation, self.metrics, self.health = (
+            settings,
+            generation,
+            metrics,
+            health,
+        )
         self.key_check = _KeyCheck(settings.topic_partitions)
 
     def list_parts(self) -> list[str]:
         return [
             f"{kind}:{partition}"
             for kind in (ADJUSTMENT, RESERVATION)
-            for partition in self.settings.owned_partitions
+            for partition in self.generation.partitions
         ]
 
     def build_part(
         self, step_id: str, for_part: str, resume_state: int | None
     ) -> _MutationPartition:
+        # Bytewax's resume state is unused (no Bytewax recovery): the restored state of the
+        # partition says where its inputs resume.
         kind_text, _, partition_text = for_part.partition(":")
         kind, partition = int(kind_text), int(partition_text)
-        next_offset = OFFSET_BEGINNING if resume_state is None else resume_state
+        next_offset = self.generation.states[partition].applied.get(kind, 0)
         part: _MutationPartition | None = None
 
         def on_statistics(statistics: str) -> None:
@@ -315,7 +340,7 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
         consumer = Consumer(
             {
                 "bootstrap.servers": self.settings.kafka_bootstrap_servers,
-                # Offsets live in Bytewax's recovery snapshots, not in a consumer group.
+                # Offsets live in the store and the changelog, not in a consumer group.
                 "group.id": f"{self.settings.instance_id}-unused",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -331,149 +356,91 @@ class MutationSource(FixedPartitionedSource[tuple[str, MutationBatch], int]):
             }
         )
         consumer.assign([TopicPartition(INPUT_TOPICS[kind], partition, next_offset)])
-        start = "from the beginning" if resume_state is None else f"from offset {next_offset}"
-        log.info("reading %s[%d] %s", INPUT_TOPICS[kind], partition, start)
+        log.info("reading %s[%d] from offset %d", INPUT_TOPICS[kind], partition, next_offset)
         serde = value_serde(
             INVENTORY_MUTATION, INPUT_TOPICS[kind], self.settings.schema_registry_url
         )
-        part = _MutationPartition(self, consumer, kind, partition, max(next_offset, 0), serde)
+        part = _MutationPartition(self, consumer, kind, partition, next_offset, serde)
         return part
 
 
-KeySums = tuple[int, int, bool, int]
-"""(on hand, reserved, has an adjustment, latest event time ms) of one key."""
-
-_NO_SUMS: KeySums = (0, 0, False, 0)
-
-
-class PartitionState(NamedTuple):
-    """The recovery state of one partition: its sums and the input offsets they include."""
-
-    sums: dict[bytes, KeySums]
-    applied: dict[int, int]
-    """Next offset to apply per input kind (ADJUSTMENT / RESERVATION); absent: none yet."""
-
-
-def _sellable(sums: KeySums) -> Sellable:
-    on_hand, reserved, _, updated_at = sums
-    return Sellable(on_hand - reserved, on_hand, reserved, updated_at)
-
-
 class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, PartitionState]):
-    """Running sums of every key of one partition, and when they may be published.
+    """Running sums of every key of one partition.
 
-    Normally every batch publishes the keys it changed. After a restart the first batch
-    compares the sums' input offsets with the positions the store has reached:
-
-    * **Replaying** (the store is ahead, as after a kill -9 between two snapshots): the
-      sums apply the replayed mutations but publish nothing. The two inputs replay through
-      separate consumers, so a value computed half-way mixes new adjustments with old
-      reservations (or the reverse): a number that was never true. The store keeps its
-      own, true values meanwhile.
-    * **Caught up** (every input's offset is at or past the store's): every key whose sums
-      differ from the store is published at once with the new positions, and from then on
-      each batch publishes what it changed. Comparing every key, not only the replayed
-      ones, also repairs a store that is *behind* the snapshot.
-
-    Values in the state dict are immutable tuples, so a shallow copy is a consistent
-    snapshot even while later batches replace entries.
+    Every batch adds its mutations to the keys' states and hands on the keys it changed.
+    A mutation below the input position a key's state already reflects is skipped: after
+    a restore the inputs resume from where the partition's *last complete* batch started,
+    and keys the interrupted batch did publish must not count it twice
+    (:mod:`sellable_calculator.changelog`).
     """
 
-    def __init__(
-        self,
-        resume: PartitionState | None,
-        store: SellableStore,
-        health: DataflowHealth | None = None,
-    ) -> None:
-        if resume is not None and not isinstance(resume, PartitionState):
-            raise TypeError(
-                "the recovery state was written by an older version of the calculator; "
-                "delete the instance's state directory (CALCULATOR_STATE_DIR) and start again"
-            )
-        self._sums: dict[bytes, KeySums] = dict(resume.sums) if resume else {}
-        self._applied: dict[int, int] = dict(resume.applied) if resume else {}
-        self._store = store
-        self._health = health
-        self._store_reached: dict[int, int] | None = None
-        """The store's positions per input kind at start; None until the first batch."""
-        self._caught_up = False
-        """Whether the sums have reached the store and been compared with it."""
+    def __init__(self, restored: dict[int, PartitionState]) -> None:
+        """Sums that take their partition's state from ``restored`` on the first batch
+        (Bytewax builds the logic before it says which key it is for)."""
+        self._restored = restored
+        self._states: dict[bytes, KeyState] = {}
+        self._applied: dict[int, int] = {}
+        self._partition: int | None = None
 
     def on_batch(self, values: list[MutationBatch]) -> tuple[Iterable[PartitionUpdate], bool]:
         partition = values[0].partition
-        if self._store_reached is None:
-            self._store_reached = self._store_positions(partition)
-            if self._replaying():
-                log.info(
-                    "partition %d replays up to the store's positions %s before publishing",
-                    partition,
-                    {INPUT_TOPICS[k]: offset for k, offset in self._store_reached.items()},
-                )
-                if self._health is not None:
-                    self._health.set_replaying(partition, True)
+        if self._partition is None:
+            state = self._restored[partition]
+            self._partition, self._states, self._applied = partition, state.states, state.applied
+        resume = dict(self._applied)
         changed = self._apply(values)
-        if not self._caught_up:
-            if self._replaying():
-                return [], StatefulBatchLogic.RETAIN
-            changed = self._differing_from_store()
-            self._caught_up = True
-            if self._health is not None:
-                self._health.set_replaying(partition, False)
-            if changed:
-                log.info(
-                    "partition %d caught up with its store at %s: %d key(s) published",
-                    partition,
-                    self._positions_text(),
-                    len(changed),
-                )
-        sums = self._sums
-        changes = {key: _sellable(sums[key]) for key in changed}
-        update = PartitionUpdate(partition, changes, dict(self._applied))
-        return [update], StatefulBatchLogic.RETAIN
+        applied = self._applied
+        adjustments, reservations = applied.get(ADJUSTMENT, 0), applied.get(RESERVATION, 0)
+        states = self._states
+        changes: dict[bytes, KeyState] = {}
+        for key in changed:
+            on_hand, reserved, exists, updated_at, key_adjustments, key_reservations = states[key]
+            # A restored key may already reflect more than the partition has applied (the
+            # batch being replayed): its positions never go back, or it would count the
+            # replayed mutations again.
+            states[key] = changes[key] = KeyState(
+                on_hand,
+                reserved,
+                exists,
+                updated_at,
+                max(adjustments, key_adjustments),
+                max(reservations, key_reservations),
+            )
+        return [
+            PartitionUpdate(partition, changes, resume, dict(applied))
+        ], StatefulBatchLogic.RETAIN
 
     def _apply(self, values: list[MutationBatch]) -> set[bytes]:
-        """Add the batches to the sums; the keys that exist and changed."""
-        sums = self._sums
+        """Add the batches to the states; the keys that changed."""
+        states = self._states
         changed: set[bytes] = set()
         for batch in values:
             adjusting = batch.kind == ADJUSTMENT
-            for key, count, event_time, _offset in batch.mutations:
-                on_hand, reserved, exists, updated_at = sums.get(key, _NO_SUMS)
+            for key, count, event_time, offset in batch.mutations:
+                on_hand, reserved, exists, updated_at, adjustments, reservations = states.get(
+                    key, NO_STATE
+                )
+                if offset < (adjustments if adjusting else reservations):
+                    continue  # already in the key's restored state
                 if adjusting:
                     on_hand += count
                     exists = True
                 else:
                     reserved += count
-                sums[key] = (on_hand, reserved, exists, max(updated_at, event_time))
-                if exists:
-                    changed.add(key)
+                states[key] = KeyState(
+                    on_hand,
+                    reserved,
+                    exists,
+                    max(updated_at, event_time),
+                    adjustments,
+                    reservations,
+                )
+                changed.add(key)
             self._applied[batch.kind] = batch.next_offset
         return changed
 
-    def _store_positions(self, partition: int) -> dict[int, int]:
-        """The store's positions per input kind: what the sums must reach to publish."""
-        stored = self._store.positions()
-        return {
-            kind: stored[(INPUT_TOPICS[kind], partition)]
-            for kind in (ADJUSTMENT, RESERVATION)
-            if (INPUT_TOPICS[kind], partition) in stored
-        }
-
-    def _replaying(self) -> bool:
-        """Whether some input is still below the position the store had reached."""
-        reached = self._store_reached or {}
-        return any(self._applied.get(kind, 0) < offset for kind, offset in reached.items())
-
-    def _differing_from_store(self) -> set[bytes]:
-        """Keys whose sums are not what the store holds (a full pass, once per start)."""
-        get = self._store.get
-        return {key for key, sums in self._sums.items() if sums[2] and get(key) != _sellable(sums)}
-
-    def _positions_text(self) -> str:
-        return ", ".join(f"{INPUT_TOPICS[k]}@{o}" for k, o in sorted(self._applied.items()))
-
     def snapshot(self) -> PartitionState:
-        return PartitionState(dict(self._sums), dict(self._applied))
+        return PartitionState(dict(self._states), dict(self._applied))
 
 
 REPUBLISH_BACKOFF = Backoff(first=0.5, cap=5.0, factor=1, step=0.5)
@@ -490,12 +457,19 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         self._store = sink.store
         self._progress = sink.progress
         self._published = sink.metrics.published
-        self._stop = sink.stop
+        self._run = sink.generation
+        self._stop = sink.generation.stop
+        self._generation = sink.generation.generation
+        self._fence_interval = settings.calculator_session_timeout_seconds / 3
+        self._confirmed_at = time.monotonic()
+        self._dropping = False
         self._serde = value_serde(
             SELLABLE_SCHEMA, SELLABLE_INVENTORY.name, settings.schema_registry_url
         )
         self._producer = self._new_producer()
         self._failures: list[KafkaError] = []
+        self._changelog_ends: dict[int, int] = {}
+        """Per partition, the next changelog offset after the records acknowledged so far."""
         self._republish = retrying(
             "publishing sellable values", REPUBLISH_BACKOFF, retry_on=PublishFailed, logger=log
         )
@@ -514,31 +488,90 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
             }
         )
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+    def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is not None:
             self._failures.append(err)
+        elif message.topic() == SELLABLE_CHANGELOG.name:
+            partition, offset = message.partition(), message.offset()
+            if partition is None or offset is None:
+                return
+            if offset >= self._changelog_ends.get(partition, 0):
+                self._changelog_ends[partition] = offset + 1
+
+    def _fenced(self) -> bool:
+        """Whether this batch must be dropped: the group took the partitions away while
+        this process was not looking (frozen, starved), or is taking them back now.
+
+        Asked once per third of the session timeout, and always after a longer pause: a
+        process that was frozen for longer than the session timeout finds out here,
+        before it publishes what it computed from state that is no longer current. A
+        dropped batch is neither published nor stored: whoever runs the partition next
+        starts from the store and the changelog, and reads those mutations again.
+        """
+        run = self._run
+        if self._dropping:
+            # Every batch after a dropped one: each builds on the states of the one before
+            # it, so publishing it would publish positions past mutations nobody stored.
+            return True
+        now = time.monotonic()
+        if now - self._confirmed_at < self._fence_interval:
+            return False
+        answer = run.still_member(run.stop)
+        if answer:
+            self._confirmed_at = time.monotonic()
+            return False
+        self._dropping = True
+        if answer is None and run.stop.is_set():
+            return True  # revoked meanwhile: the group waits for this dataflow to stop
+        log.warning(
+            "the group no longer gives this instance partitions %s: dropping the batch in "
+            "hand and stopping their dataflow",
+            list(run.partitions),
+        )
+        run.fenced.set()
+        run.stop.set()
+        return True
 
     def write_batch(self, items: list[tuple[str, PartitionUpdate]]) -> None:
-        records = [
-            (update.partition, key, self._serde.serialize(_record(value)))
-            for _, update in items
-            for key, value in update.changes.items()
-        ]
-        # Publish first, store second: the store never claims a position whose values
-        # the topic has not acknowledged, so after a crash the store is never ahead of
-        # the topic (and PartitionSums may hold back a replay until it reaches the store).
+        if self._fenced():
+            return
+        serialize, generation = self._serde.serialize, self._generation
+        records: list[tuple[str, int, bytes, bytes]] = []
+        for _, update in items:
+            partition, resume = update.partition, update.resume
+            for key, state in update.changes.items():
+                if state.exists:
+                    records.append(
+                        (SELLABLE_INVENTORY.name, partition, key, serialize(_record(state)))
+                    )
+                records.append(
+                    (
+                        SELLABLE_CHANGELOG.name,
+                        partition,
+                        key,
+                        encode_record(state, resume, generation),
+                    )
+                )
+        # Publish first, store second: the store never claims a position whose states the
+        # changelog has not acknowledged, so after a crash the changelog is never behind
+        # the store, and a restore from it misses nothing the store had.
+        self._changelog_ends.clear()
         self._publish(records)
         for _, update in items:
+            partition = update.partition
             positions = {
-                (INPUT_TOPICS[kind], update.partition): offset
+                (INPUT_TOPICS[kind], partition): offset
                 for kind, offset in update.next_offsets.items()
             }
-            self._store.apply(update.changes, positions)
-            self._published.inc(len(update.changes))
-            for (topic, partition), offset in positions.items():
-                self._progress.advance(topic, partition, offset)
+            changelog = self._changelog_ends.get(partition)
+            self._store.apply(
+                update.changes, positions, None if changelog is None else {partition: changelog}
+            )
+            self._published.inc(sum(1 for state in update.changes.values() if state.exists))
+            for (topic, partition_), offset in positions.items():
+                self._progress.advance(topic, partition_, offset)
 
-    def _publish(self, records: list[tuple[int, bytes, bytes]]) -> None:
+    def _publish(self, records: list[tuple[str, int, bytes, bytes]]) -> None:
         """Publish ``records`` in order and wait until the broker acknowledged every one.
 
         The idempotent producer retries by itself, in order and without duplicates, so a
@@ -552,13 +585,13 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         """
         self._republish(self._publish_once, records)
 
-    def _publish_once(self, records: list[tuple[int, bytes, bytes]]) -> None:
+    def _publish_once(self, records: list[tuple[str, int, bytes, bytes]]) -> None:
         """One attempt of :meth:`_publish`: :class:`PublishFailed` to try again, with a new
         producer already in place if the old one is dead; RuntimeError when stopping."""
         self._failures.clear()
         try:
-            for partition, key, value in records:
-                self._produce(key, value, partition)
+            for topic, partition, key, value in records:
+                self._produce(topic, key, value, partition)
             while (remaining := self._producer.flush(5)) and not self._fatal():
                 log.warning("waiting for the broker to acknowledge %d value(s)", remaining)
                 if self._stop.is_set():
@@ -584,11 +617,11 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
     def _fatal(self) -> bool:
         return any(error.fatal() for error in self._failures)
 
-    def _produce(self, key: bytes, value: bytes, partition: int) -> None:
+    def _produce(self, topic: str, key: bytes, value: bytes, partition: int) -> None:
         while True:
             try:
                 self._producer.produce(
-                    SELLABLE_INVENTORY.name,
+                    topic,
                     value,
                     key,
                     partition=partition,
@@ -602,29 +635,34 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         self._producer.flush(5)
 
 
-def _record(value: Sellable) -> dict[str, int]:
-    """The ``sellable_inventory`` record of one value."""
+def _record(state: KeyState) -> dict[str, int]:
+    """The ``sellable_inventory`` record of one key's state."""
     return {
-        "count": value.count,
-        "on_hand": value.on_hand,
-        "reserved": value.reserved,
-        "updated_at": value.updated_at,
+        "count": state.on_hand - state.reserved,
+        "on_hand": state.on_hand,
+        "reserved": state.reserved,
+        "updated_at": state.updated_at,
     }
 
 
 class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
-    """Publishes changed values to ``sellable_inventory``, then writes them to the store."""
+    """Publishes changed values and key states, then writes them to the store."""
 
     def __init__(
         self,
         settings: CalculatorSettings,
+        generation: Generation,
         store: SellableStore,
         progress: Progress,
         metrics: CalculatorMetrics,
-        stop: threading.Event,
     ) -> None:
-        self.settings, self.store, self.progress = settings, store, progress
-        self.metrics, self.stop = metrics, stop
+        self.settings, self.generation, self.store, self.progress = (
+            settings,
+            generation,
+            store,
+            progress,
+        )
+        self.metrics = metrics
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _SellableSinkPartition:
         return _SellableSinkPartition(self)
@@ -632,17 +670,18 @@ class SellableSink(DynamicSink[tuple[str, PartitionUpdate]]):
 
 def build_dataflow(
     settings: CalculatorSettings,
+    generation: Generation,
     store: SellableStore,
     progress: Progress,
     metrics: CalculatorMetrics,
-    stop: threading.Event,
     health: DataflowHealth,
 ) -> Dataflow:
-    """The calculator's dataflow for the partitions ``settings`` says this instance owns."""
+    """The calculator's dataflow over the partitions of ``generation``, from their
+    restored states; it ends when ``generation.stop`` is set."""
     flow = Dataflow("sellable_calculator")
-    batches = op.input("mutations", flow, MutationSource(settings, stop, metrics, health))
-    updates = op.stateful_batch(
-        "sums", batches, lambda resume: PartitionSums(resume, store, health)
-    )
-    op.output("sellable", updates, SellableSink(settings, store, progress, metrics, stop))
+    source = MutationSource(settings, generation, metrics, health)
+    batches = op.input("mutations", flow, source)
+    states = generation.states
+    updates = op.stateful_batch("sums", batches, lambda _resume: PartitionSums(states))
+    op.output("sellable", updates, SellableSink(settings, generation, store, progress, metrics))
     return flow

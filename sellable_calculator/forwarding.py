@@ -91,25 +91,40 @@ def request_target(request: Request, query: bytes | None = None) -> bytes:
     return path + b"?" + query if query else path
 
 
+MOVING_RETRY_AFTER = {"Retry-After": "1"}
+"""A partition that is moving has an owner again within seconds: ask again in one."""
+
+
 def find_owner(
     request: Request, runtime: CalculatorRuntime, partition: int
 ) -> InstanceInfo | JSONResponse:
-    """The instance to forward a GET for ``partition`` to, this instance not owning it;
-    or the 503 to answer when the request was forwarded here already (routing tables
-    disagree: forwarding again could loop) or no instance has advertised the partition."""
+    """The instance to forward a GET for ``partition`` to, this instance not serving it;
+    or the 503 (with ``Retry-After``) to answer while the partition moves: this instance
+    still restores it, no instance has claimed it, or the request was forwarded here
+    already (routing tables disagree for a moment: forwarding again could loop)."""
+    me = runtime.routing.me
     if FORWARDED_BY in request.headers:
         return error_response(
             503,
             "not_owner",
-            f"{runtime.routing.me.instance_id} does not own partition {partition} "
-            f"(forwarded by {request.headers[FORWARDED_BY]}); routing tables disagree",
+            f"{me.instance_id} does not serve partition {partition} (forwarded by "
+            f"{request.headers[FORWARDED_BY]}); the partition is moving",
+            headers=MOVING_RETRY_AFTER,
         )
     owner = runtime.routing.owner(partition)
     if owner is None:
         return error_response(
             503,
             "owner_unknown",
-            f"no calculator instance has advertised partition {partition}",
+            f"no calculator instance owns partition {partition} right now",
+            headers=MOVING_RETRY_AFTER,
+        )
+    if owner.instance_id == me.instance_id:
+        return error_response(
+            503,
+            "partition_restoring",
+            f"{me.instance_id} is restoring partition {partition}",
+            headers=MOVING_RETRY_AFTER,
         )
     return owner
 
@@ -138,7 +153,8 @@ async def forward(
             "owner_unavailable",
             f"{owner.instance_id} at {owner.url} owns this key but did not answer: "
             f"{type(exc).__name__}",
-            headers={FORWARDED_BY: me.instance_id},
+            # A dead owner's partitions are reassigned within the group's session timeout.
+            headers={FORWARDED_BY: me.instance_id, **MOVING_RETRY_AFTER},
         )
     headers = {FORWARDED_BY: me.instance_id}
     served_by = answer.headers.get("x-served-by")
@@ -188,7 +204,7 @@ async def fan_out(request: Request) -> list[tuple[InstanceInfo, Any]] | JSONResp
     look complete to the client."""
     runtime = runtime_of(request)
     me = runtime.routing.me
-    others = [i for i in runtime.routing.instances() if i.instance_id != me.instance_id]
+    others = [i for i in runtime.routing.owning_instances() if i.instance_id != me.instance_id]
     target = request_target(request, b"scope=local")
     timeout = runtime.settings.calculator_forward_timeout_seconds
     client = forwarding_of(request).client

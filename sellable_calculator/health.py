@@ -1,12 +1,11 @@
-"""What the dataflow tells readiness: can it read its input, and has it caught up after a crash.
+"""What the dataflow tells readiness: can it read its input.
 
 Example::
 
     health = DataflowHealth()
     health.report_input("inventory_adjustments", 2, None)            # reading fine
     health.report_input("inventory_adjustments", 3, "broker down")   # a problem
-    health.set_replaying(3, True)
-    health.problems()  # {'inventory_adjustments:3': 'broker down', 'partition 3': 'replaying …'}
+    health.problems()  # {'inventory_adjustments:3': 'broker down'}
 
 The Bytewax worker thread writes here; the API thread reads it for ``/health/ready``.
 Every input partition reports about once a second (from librdkafka's statistics, which
@@ -20,6 +19,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 STALE_AFTER_SECONDS = 5.0
@@ -30,13 +30,12 @@ SILENT_BROKER_SECONDS = 3.0
 
 
 class DataflowHealth:
-    """Thread-safe problems of the input partitions and partitions still replaying."""
+    """Thread-safe problems of the input partitions."""
 
     def __init__(self, stale_after: float = STALE_AFTER_SECONDS) -> None:
         self._lock = threading.Lock()
         self._stale_after = stale_after
         self._inputs: dict[tuple[str, int], tuple[float, str | None]] = {}
-        self._replaying: set[int] = set()
 
     def expect_input(self, topic: str, partition: int) -> None:
         """Register an input partition before its first report (it is not read yet)."""
@@ -48,18 +47,12 @@ class DataflowHealth:
         with self._lock:
             self._inputs[(topic, partition)] = (time.monotonic(), problem)
 
-    def set_replaying(self, partition: int, replaying: bool) -> None:
-        """Whether ``partition`` is still re-reading what its store already holds."""
+    def expect_only(self, inputs: Iterable[tuple[str, int]]) -> None:
+        """A new assignment: forget every input partition but ``inputs``, which are
+        registered as not read yet."""
+        now = time.monotonic()
         with self._lock:
-            if replaying:
-                self._replaying.add(partition)
-            else:
-                self._replaying.discard(partition)
-
-    def replaying(self) -> list[int]:
-        """Partitions that have not caught up with their store since the start."""
-        with self._lock:
-            return sorted(self._replaying)
+            self._inputs = {tp: (now, "not read yet") for tp in inputs}
 
     def problems(self) -> dict[str, str]:
         """``{"topic:partition": problem}`` for every input partition that cannot be read."""

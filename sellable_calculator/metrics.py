@@ -44,6 +44,33 @@ class CalculatorMetrics:
             "(CALCULATOR_MAX_FORWARDED_WAITS were being relayed already)",
             registry=r,
         )
+        self.rebalances = Counter(
+            "calculator_rebalances",
+            "Assignments of partitions this instance received from the calculator group",
+            registry=r,
+        )
+        self.assigned_partitions = Gauge(
+            "calculator_assigned_partitions",
+            "Partitions assigned to this instance, by state (restoring, active)",
+            ["state"],
+            registry=r,
+        )
+        self.partitions_restored = Counter(
+            "calculator_partitions_restored",
+            "Partitions restored (from the local store and the changelog topic)",
+            registry=r,
+        )
+        self.records_restored = Counter(
+            "calculator_changelog_records_restored",
+            "Changelog records applied while restoring partitions",
+            registry=r,
+        )
+        self.restore_seconds = Histogram(
+            "calculator_restore_seconds",
+            "Time to restore one partition (records restored / this = records restored per s)",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.get_seconds = Histogram(
             "calculator_get_seconds",
             "Latency of GET /inventory/locations/{location}/skus/{sku}",

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sellable_calculator.dataflow import INPUT_TOPICS
+from sellable_calculator.changelog import INPUT_TOPICS
 from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
 from service_runtime.http import error_response

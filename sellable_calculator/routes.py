@@ -31,7 +31,7 @@ from sellable_calculator.read_your_writes import (
     get_query_parameters,
     read_your_writes_query,
 )
-from sellable_calculator.routing import InstanceInfo
+from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.runtime import CalculatorRuntime, runtime_of
 from sellable_calculator.store import Sellable
 from service_runtime.http import (
@@ -58,17 +58,35 @@ class LocationInventory(BaseModel):
 class InstanceView(BaseModel):
     """One calculator instance of the routing table."""
 
-    instanceId: str = Field(examples=["calculator-0"])
+    instanceId: str = Field(examples=["calculator-9094"])
     url: str = Field(examples=["http://127.0.0.1:9094"])
-    partitions: list[int] = Field(examples=[[0, 2, 4]])
+    partitions: list[int] = Field(
+        examples=[[0, 1, 2]],
+        description="The partitions it owns: assigned to it, and no newer assignment elsewhere.",
+    )
+    restoring: list[int] = Field(
+        examples=[[]], description="Owned partitions whose state it is still restoring."
+    )
+    generation: int = Field(description="When it got its assignment (epoch ms).")
     self: bool = Field(description="Whether this is the instance that answered.")
+
+
+class PartitionView(BaseModel):
+    """Who owns one partition, and in what state."""
+
+    partition: int
+    owner: str | None = Field(description="Instance id; null while nobody owns it.")
+    state: Literal["active", "restoring", "unowned"]
 
 
 class Metadata(BaseModel):
     """The routing table."""
 
     partitionCount: int
-    instances: list[InstanceView]
+    instances: list[InstanceView] = Field(
+        description="Every instance that owns a partition, and this one."
+    )
+    partitions: list[PartitionView]
     unownedPartitions: list[int]
 
 
@@ -78,6 +96,7 @@ class KeyMetadata(BaseModel):
     locationId: str
     sku: str
     partition: int
+    state: Literal["active", "restoring", "unowned"]
     owner: InstanceView | None
 
 
@@ -108,13 +127,22 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(json.dumps(body), status, headers, media_type="application/json")
 
 
-def _view(info: InstanceInfo, me: InstanceInfo) -> InstanceView:
+def _view(info: InstanceInfo, routing: RoutingTable) -> InstanceView:
+    owned = routing.owned_by(info.instance_id)
     return InstanceView(
         instanceId=info.instance_id,
         url=info.url,
-        partitions=list(info.partitions),
-        self=info.instance_id == me.instance_id,
+        partitions=owned,
+        restoring=[p for p in owned if info.is_restoring(p)],
+        generation=info.generation,
+        self=info.instance_id == routing.me.instance_id,
     )
+
+
+def _state(owner: InstanceInfo | None, partition: int) -> Literal["active", "restoring", "unowned"]:
+    if owner is None:
+        return "unowned"
+    return "restoring" if owner.is_restoring(partition) else "active"
 
 
 def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
@@ -137,8 +165,9 @@ def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
             ),
             422: error_doc("An id breaks the id rule, or a bad `position` or `timeout`"),
             503: error_doc(
-                "The owning instance is unknown (`owner_unknown`), unreachable "
-                "(`owner_unavailable`) or does not own the key after all (`not_owner`), or "
+                "The key's partition is moving, with `Retry-After`: no instance owns it "
+                "(`owner_unknown`), its owner is unreachable (`owner_unavailable`), still "
+                "restores it (`partition_restoring`) or no longer owns it (`not_owner`); or "
                 "too many read-your-writes waits are being relayed already "
                 "(`too_many_waits`, with `Retry-After`)"
             ),
@@ -279,13 +308,25 @@ async def count(request: Request, scope: Scope = "all") -> Response:
 
 @router.get("/metadata", response_model=Metadata, summary="The routing table")
 async def metadata(request: Request) -> Metadata:
-    """Every instance this one knows, the partitions each owns, and those nobody owns."""
+    """Every instance that owns partitions (and this one), each partition's owner and
+    state (`restoring` while its new owner restores it), and the partitions nobody owns."""
     runtime = runtime_of(request)
     routing, partitions = runtime.routing, runtime.settings.topic_partitions
+    owners = {p: routing.owner(p) for p in range(partitions)}
+    listed = {i.instance_id: i for i in routing.owning_instances()}
+    listed.setdefault(routing.me.instance_id, routing.me)
     return Metadata(
         partitionCount=partitions,
-        instances=[_view(i, routing.me) for i in routing.instances()],
-        unownedPartitions=[p for p in range(partitions) if routing.owner(p) is None],
+        instances=[_view(i, routing) for _, i in sorted(listed.items())],
+        partitions=[
+            PartitionView(
+                partition=p,
+                owner=None if owner is None else owner.instance_id,
+                state=_state(owner, p),
+            )
+            for p, owner in owners.items()
+        ],
+        unownedPartitions=[p for p, owner in owners.items() if owner is None],
     )
 
 
@@ -298,7 +339,8 @@ async def metadata(request: Request) -> Metadata:
 async def key_metadata(
     location: LocationPath, sku: SkuPath, request: Request
 ) -> KeyMetadata | Response:
-    """The key's partition and the instance that owns it (`null` while nobody does)."""
+    """The key's partition, the instance that owns it (`null` while nobody does) and the
+    partition's state there."""
     invalid = invalid_id_response(location, sku)
     if invalid is not None:
         return invalid
@@ -309,5 +351,6 @@ async def key_metadata(
         locationId=location,
         sku=sku,
         partition=partition,
-        owner=None if owner is None else _view(owner, runtime.routing.me),
+        state=_state(owner, partition),
+        owner=None if owner is None else _view(owner, runtime.routing),
     )

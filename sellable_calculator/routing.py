@@ -1,10 +1,13 @@
 """Who owns which partition: the calculator's routing table (Kafka Streams' ``metadataForKey``).
 
-Every instance advertises ``{id, url, partitions}`` on the compacted
-``sellable_calculator_instances`` topic (key: instance id, value: JSON), and every
-instance reads that topic from the beginning, continuously, into a :class:`RoutingTable`.
-To find a key's owner: ``partition_for(encode_key(location, sku), partitions)``, then
-``table.owner(partition)``.
+Every instance advertises ``{id, url, partitions, restoring, generation}`` on the
+compacted ``sellable_calculator_instances`` topic (key: instance id, value: JSON) each
+time its assignment or the state of a partition changes, and every instance reads that
+topic from the beginning, continuously, into a :class:`RoutingTable`. When two instances
+claim a partition (a dead one's record stays until the group reassigns its partitions,
+and a rebalance reaches the instances one by one), the claim of the newer assignment
+(``generation``) wins. To find a key's owner:
+``partition_for(encode_key(location, sku), partitions)``, then ``table.owner(partition)``.
 
 Example::
 
@@ -12,6 +15,7 @@ Example::
     follower = RoutingFollower(table, settings)   # background thread
     follower.start(); advertise(settings, me)
     owner = table.owner(3)                         # InstanceInfo or None
+    owner.is_restoring(3)                          # still restoring its state?
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import confluent_kafka as kafka
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
@@ -39,9 +43,24 @@ class InstanceInfo:
     instance_id: str
     url: str
     partitions: tuple[int, ...]
+    """The partitions the group assigned it (restoring ones included)."""
     partition_count: int
     """TOPIC_PARTITIONS the instance runs with; instances that disagree are ignored."""
     started_at: float
+    restoring: tuple[int, ...] = ()
+    """Assigned partitions whose state is still being restored: not served yet."""
+    generation: int = 0
+    """When the instance got this assignment (epoch ms): the newer claim of a partition wins."""
+
+    def is_restoring(self, partition: int) -> bool:
+        """Whether ``partition`` is assigned here but not served yet."""
+        return partition in self.restoring
+
+    def assigned(
+        self, partitions: tuple[int, ...], restoring: tuple[int, ...], generation: int
+    ) -> InstanceInfo:
+        """This entry with another assignment."""
+        return replace(self, partitions=partitions, restoring=restoring, generation=generation)
 
     def to_json(self) -> bytes:
         """The value advertised on the instances topic."""
@@ -58,15 +77,17 @@ class InstanceInfo:
             partitions=tuple(int(p) for p in raw["partitions"]),
             partition_count=int(raw["partition_count"]),
             started_at=float(raw["started_at"]),
+            restoring=tuple(int(p) for p in raw.get("restoring", ())),
+            generation=int(raw.get("generation", 0)),
         )
 
     @classmethod
     def of(cls, settings: CalculatorSettings) -> InstanceInfo:
-        """This process's own entry."""
+        """This process's own entry, before the group assigned it anything."""
         return cls(
             settings.instance_id,
             settings.advertised_url,
-            settings.owned_partitions,
+            (),
             settings.topic_partitions,
             time.time(),
         )
@@ -77,10 +98,18 @@ class RoutingTable:
 
     def __init__(self, me: InstanceInfo) -> None:
         self.me = me
+        """This instance's own entry (replaced by :meth:`set_me`)."""
         self._lock = threading.Lock()
         self._instances: dict[str, InstanceInfo] = {me.instance_id: me}
         self._owners: dict[int, InstanceInfo] = {}
         self._rebuild()
+
+    def set_me(self, me: InstanceInfo) -> None:
+        """This instance's entry changed (an assignment, a partition restored)."""
+        with self._lock:
+            self.me = me
+            self._instances[me.instance_id] = me
+            self._rebuild()
 
     def update(self, info: InstanceInfo) -> None:
         """Take an advertisement into account (the latest per instance id wins)."""
@@ -106,23 +135,11 @@ class RoutingTable:
                 self._rebuild()
 
     def _rebuild(self) -> None:
-        # When two instances claim a partition, the most recently started one wins; this
-        # instance always wins its own partitions, because it is the one processing them.
+        # The newest assignment's claim wins; between equal generations, the most
+        # recently started instance.
         owners: dict[int, InstanceInfo] = {}
-        others = sorted(
-            (i for i in self._instances.values() if i is not self.me), key=lambda i: i.started_at
-        )
-        for info in [*others, self.me]:
+        for info in sorted(self._instances.values(), key=lambda i: (i.generation, i.started_at)):
             for partition in info.partitions:
-                previous = owners.get(partition)
-                if previous is not None and previous.instance_id != info.instance_id:
-                    log.warning(
-                        "partition %d claimed by %s and %s; routing to %s",
-                        partition,
-                        previous.instance_id,
-                        info.instance_id,
-                        info.instance_id,
-                    )
                 owners[partition] = info
         self._owners = owners
 
@@ -135,6 +152,19 @@ class RoutingTable:
         """Every known instance, this one included, by id."""
         with self._lock:
             return sorted(self._instances.values(), key=lambda i: i.instance_id)
+
+    def owning_instances(self) -> list[InstanceInfo]:
+        """The instances that own at least one partition (no other claim is newer), by id:
+        those a GET over every key must ask. A dead instance's record drops out as soon
+        as the group has reassigned its partitions."""
+        with self._lock:
+            owning = {info.instance_id: info for info in self._owners.values()}
+        return sorted(owning.values(), key=lambda i: i.instance_id)
+
+    def owned_by(self, instance_id: str) -> list[int]:
+        """The partitions ``instance_id``'s claim wins."""
+        with self._lock:
+            return sorted(p for p, info in self._owners.items() if info.instance_id == instance_id)
 
 
 def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 10.0) -> None:

@@ -35,20 +35,22 @@ class CalculatorRuntime:
     metrics: CalculatorMetrics
     dataflow_running: Callable[[], bool] = lambda: True
     end_offsets_at_start: dict[tuple[str, int], int] = field(default_factory=dict)
-    """Input end offsets seen at start; the instance is ready once it has applied them."""
+    """Input end offsets of the assigned partitions seen when they were assigned; the
+    instance is ready once it has applied them."""
     health: DataflowHealth = field(default_factory=DataflowHealth)
     """Whether the dataflow can read its input, and which partitions still replay."""
     routing_following: Callable[[], bool] = lambda: True
     """Whether the routing table is still kept current (:attr:`RoutingFollower.following`)."""
-    owned: frozenset[int] = field(init=False, repr=False)
-    """This instance's partitions, as a set: every inventory GET asks whether it owns one."""
-
-    def __post_init__(self) -> None:
-        self.owned = frozenset(self.routing.me.partitions)
+    in_group: Callable[[], bool] = lambda: True
+    """Whether this instance holds a current assignment (:attr:`GroupMembership.in_group`)."""
+    owned: frozenset[int] = frozenset()
+    """The partitions this instance serves from its store, as a set (every inventory GET
+    asks whether it owns one): the assigned partitions once restored. Replaced, never
+    changed in place, by the thread that runs the assignments."""
 
     def owns(self, key: bytes) -> bool:
-        """Whether this instance owns the partition of ``key`` (in every input topic)."""
-        return partition_for(key, self.settings.topic_partitions) in self.routing.me.partitions
+        """Whether this instance serves the partition of ``key`` (in every input topic)."""
+        return partition_for(key, self.settings.topic_partitions) in self.owned
 
     async def readiness(self) -> dict[str, Any]:
         """The facts ``/health/ready`` reports; ``ready`` only when all of them are good.
@@ -63,16 +65,25 @@ class CalculatorRuntime:
         }
         running = self.dataflow_running()
         input_problems = self.health.problems()
-        replaying = self.health.replaying()
         routing = self.routing_following()
+        in_group = self.in_group()
+        me = self.routing.me
+        restoring = list(me.restoring)
         return {
-            "ready": running and routing and not behind and not input_problems and not replaying,
-            "instance": self.routing.me.instance_id,
+            "ready": running
+            and routing
+            and in_group
+            and not behind
+            and not input_problems
+            and not restoring,
+            "instance": me.instance_id,
+            "inGroup": in_group,
+            "partitions": list(me.partitions),
+            "restoring": restoring,
             "dataflowRunning": running,
             "routingFollowing": routing,
             "behind": behind,
             "inputProblems": input_problems,
-            "replaying": replaying,
         }
 
 

@@ -1,19 +1,24 @@
 """Settings of one sellable-calculator instance, read from the environment.
 
-Two instances of the default deployment differ only in ``CALCULATOR_INSTANCE_INDEX``
-and ``CALCULATOR_PORT``::
+Instances find each other through the calculator group (a Kafka consumer group): two
+instances of the default deployment differ only in their port::
 
-    CALCULATOR_INSTANCE_INDEX=0 CALCULATOR_PORT=9094 python -m sellable_calculator
-    CALCULATOR_INSTANCE_INDEX=1 CALCULATOR_PORT=9095 python -m sellable_calculator
+    python -m sellable_calculator                      # port 9094
+    CALCULATOR_PORT=9095 python -m sellable_calculator
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from service_runtime.settings import CommaSeparatedInts, HttpServerSettings, KafkaSettings
+from service_runtime.settings import HttpServerSettings, KafkaSettings
+
+_ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class CalculatorSettings(KafkaSettings, HttpServerSettings):
@@ -21,32 +26,32 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
 
     calculator_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
     calculator_port: int = Field(9094, ge=1, le=65535, description="Port of the REST API.")
-    calculator_instance_count: int = Field(
-        2, ge=1, description="How many calculator instances share the partitions."
-    )
-    calculator_instance_index: int = Field(
-        0,
-        ge=0,
-        description="This instance's index: it owns the partitions p with p % count == index.",
-    )
     calculator_instance_id: str | None = Field(
-        None, description="Instance id in the routing table; default calculator-<index>."
+        None,
+        description="Instance id in the group and the routing table, and the name of its state "
+        "directory; default calculator-<port> (calculator-<host>-<port> when the advertised host "
+        "is not a loopback address).",
     )
-    calculator_partitions: CommaSeparatedInts | None = Field(
-        None, description="Explicit comma-separated partitions to own, overriding index/count."
+    calculator_group_id: str = Field(
+        "sellable-calculator",
+        description="Kafka consumer group the instances form: it assigns the partitions.",
+    )
+    calculator_session_timeout_seconds: float = Field(
+        3.0,
+        ge=1,
+        description="How long the group waits for a silent instance (killed or frozen) before "
+        "it reassigns its partitions.",
     )
     calculator_advertised_url: str | None = Field(
         None,
-        description="Base URL other instances use to reach this one; default http://<host>:<port>.",
+        description="Base URL other instances use to reach this one; default http://<host>:<port> "
+        "(the host name when bound to 0.0.0.0).",
     )
     calculator_workers: int = Field(1, ge=1, description="Bytewax workers in this instance.")
     calculator_state_dir: Path = Field(
         Path(".local/calculator"),
-        description="Parent directory of the per-instance store and recovery partitions "
-        "(a relative path is taken from the working directory).",
-    )
-    calculator_epoch_seconds: float = Field(
-        2.0, gt=0, description="Bytewax epoch length: how often state is snapshotted for recovery."
+        description="Parent directory of the per-instance store (a relative path is taken from "
+        "the working directory).",
     )
     calculator_forward_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a forwarded GET may take before answering 503."
@@ -69,47 +74,25 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
         5000, ge=1, description="Most records one source partition hands the dataflow at once."
     )
 
-    @model_validator(mode="after")
-    def _index_in_range(self) -> CalculatorSettings:
-        if self.calculator_instance_index >= self.calculator_instance_count:
-            raise ValueError(
-                f"CALCULATOR_INSTANCE_INDEX {self.calculator_instance_index} must be below "
-                f"CALCULATOR_INSTANCE_COUNT {self.calculator_instance_count}"
-            )
-        owned = self.owned_partitions
-        if not owned:
-            raise ValueError("this instance owns no partitions: add partitions or lower the count")
-        bad = [p for p in owned if p >= self.topic_partitions]
-        if bad:
-            raise ValueError(
-                f"CALCULATOR_PARTITIONS {bad} not below TOPIC_PARTITIONS {self.topic_partitions}"
-            )
-        return self
-
     @property
     def instance_id(self) -> str:
-        """The id this instance advertises."""
-        return self.calculator_instance_id or f"calculator-{self.calculator_instance_index}"
+        """The id this instance joins the group and advertises with."""
+        if self.calculator_instance_id:
+            return self.calculator_instance_id
+        host = urlsplit(self.advertised_url).hostname or ""
+        if host in _LOOPBACK:
+            return f"calculator-{self.calculator_port}"
+        return f"calculator-{host}-{self.calculator_port}"
 
     @property
     def advertised_url(self) -> str:
         """The base URL this instance advertises, without a trailing slash."""
-        url = (
-            self.calculator_advertised_url
-            or f"http://{self.calculator_host}:{self.calculator_port}"
-        )
-        return url.rstrip("/")
-
-    @property
-    def owned_partitions(self) -> tuple[int, ...]:
-        """The partitions of the co-partitioned topics this instance processes and serves."""
-        if self.calculator_partitions:
-            return tuple(sorted(set(self.calculator_partitions)))
-        return tuple(
-            p
-            for p in range(self.topic_partitions)
-            if p % self.calculator_instance_count == self.calculator_instance_index
-        )
+        if self.calculator_advertised_url:
+            return self.calculator_advertised_url.rstrip("/")
+        host = self.calculator_host
+        if host in _ANY_ADDRESS:  # bound to every address: others reach us by host name
+            host = socket.gethostname()
+        return f"http://{host}:{self.calculator_port}"
 
     @property
     def instance_dir(self) -> Path:

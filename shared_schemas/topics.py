@@ -59,6 +59,14 @@ SELLABLE_INVENTORY = TopicSpec(
     "Latest sellable inventory per key (value: SellableInventory); compacted.",
     {"cleanup.policy": "compact"},
 )
+SELLABLE_CHANGELOG = TopicSpec(
+    "sellable_calculator_changelog",
+    "The calculator's state per key with the input positions it reflects; compacted. Internal "
+    "to the calculator (its own fixed binary value, see sellable_calculator.changelog): an "
+    "instance that takes over a partition restores it from here, as a Kafka Streams task "
+    "restores its store from its changelog topic.",
+    {"cleanup.policy": "compact"},
+)
 CALCULATOR_INSTANCES = TopicSpec(
     "sellable_calculator_instances",
     "Which calculator instance serves which partitions at which URL; compacted by instance id.",
@@ -70,6 +78,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_RESERVATIONS,
     SELLABLE_INVENTORY,
+    SELLABLE_CHANGELOG,
     CALCULATOR_INSTANCES,
 )
 

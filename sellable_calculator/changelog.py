@@ -1,0 +1,245 @@
+"""The changelog: how a partition's state moves between instances through Kafka.
+
+Every batch the dataflow publishes writes, for each key it changed, the key's whole
+state to the compacted ``sellable_calculator_changelog`` topic (same key bytes, same
+partition number as the inputs), as a Kafka Streams task writes its store's changelog.
+A record says which input positions the key's state reflects, and where the partition's
+inputs resume if it is the partition's last record: the positions *before* its batch,
+because a crash may have published only part of that batch. On a restore, a key whose
+state already reflects a replayed mutation skips it
+(:class:`~sellable_calculator.dataflow.PartitionSums`), so every mutation counts once.
+
+An instance that is assigned a partition restores it (:func:`restore`): from its local
+store when that is there, plus whatever the changelog holds after the offset the store
+reflects (written by another owner meanwhile); from the whole changelog on an empty disk.
+
+Example::
+
+    value = encode_record(state, resume={ADJUSTMENT: 40, RESERVATION: 12}, generation=g)
+    state, resume, generation = decode_record(value)
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from sellable_calculator.metrics import CalculatorMetrics
+from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.store import STATE_SIZE, KeyState, SellableStore
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_CHANGELOG
+
+log = logging.getLogger(__name__)
+
+ADJUSTMENT, RESERVATION = 0, 1
+INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
+"""Input topic names, indexed by ADJUSTMENT / RESERVATION."""
+
+_VERSION = b"\x01"
+_TAIL = struct.Struct("<qqq")
+"""resume adjustments, resume reservations, generation."""
+RECORD_SIZE = 1 + STATE_SIZE + _TAIL.size
+
+
+class ChangelogError(ValueError):
+    """A changelog record this version cannot read."""
+
+
+def encode_record(state: KeyState, resume: Mapping[int, int], generation: int) -> bytes:
+    """The changelog value of one key's state, written in a batch that started at the
+    partition's positions ``resume`` (per input kind), by the assignment ``generation``."""
+    return (
+        _VERSION
+        + state.to_bytes()
+        + _TAIL.pack(resume.get(ADJUSTMENT, 0), resume.get(RESERVATION, 0), generation)
+    )
+
+
+def decode_record(value: bytes) -> tuple[bytes, dict[int, int], int]:
+    """(encoded key state, resume positions per input kind, generation) of a record."""
+    if len(value) != RECORD_SIZE or value[:1] != _VERSION:
+        raise ChangelogError(f"not a version-1 changelog record ({len(value)} bytes)")
+    adjustments, reservations, generation = _TAIL.unpack_from(value, 1 + STATE_SIZE)
+    return (
+        value[1 : 1 + STATE_SIZE],
+        {ADJUSTMENT: adjustments, RESERVATION: reservations},
+        generation,
+    )
+
+
+@dataclass
+class PartitionState:
+    """One owned partition: every key's state and the next input offset to apply per kind."""
+
+    states: dict[bytes, KeyState]
+    applied: dict[int, int] = field(default_factory=dict)
+    """Next offset to apply per input kind (ADJUSTMENT / RESERVATION); absent: 0."""
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did, for logs and metrics."""
+
+    partition: int
+    from_offset: int
+    records: int = 0
+    seconds: float = 0.0
+    local_keys: int = 0
+
+
+_RESTORE_BATCH = 10_000
+"""Changelog records read (and written to the store in one batch) at a time."""
+
+
+def restore(
+    settings: CalculatorSettings,
+    store: SellableStore,
+    partitions: Collection[int],
+    partition_of: Callable[[bytes], int],
+    stop: threading.Event,
+    metrics: CalculatorMetrics | None = None,
+) -> dict[int, PartitionState] | None:
+    """The state of ``partitions``: the local store's, brought up to the end of the
+    changelog. None when ``stop`` was set meanwhile (the assignment was revoked)."""
+    local = store.states(partitions, partition_of) if partitions else {}
+    stored = store.positions()
+    result: dict[int, PartitionState] = {}
+    consumer = _changelog_consumer(settings)
+    try:
+        for partition in sorted(partitions):
+            applied = {
+                kind: stored[(INPUT_TOPICS[kind], partition)]
+                for kind in (ADJUSTMENT, RESERVATION)
+                if (INPUT_TOPICS[kind], partition) in stored
+            }
+            state = PartitionState(local[partition], applied)
+            report = _catch_up(consumer, store, partition, state, stop)
+            if report is None:
+                return None
+            result[partition] = state
+            _log_restore(report, len(state.states))
+            if metrics is not None:
+                metrics.partitions_restored.inc()
+                metrics.records_restored.inc(report.records)
+                metrics.restore_seconds.observe(report.seconds)
+    finally:
+        consumer.close()
+    return result
+
+
+def _changelog_consumer(settings: CalculatorSettings) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"{settings.instance_id}-restore-unused",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 50,
+            "queued.max.messages.kbytes": 65536,
+        }
+    )
+
+
+def _catch_up(
+    consumer: Consumer,
+    store: SellableStore,
+    partition: int,
+    state: PartitionState,
+    stop: threading.Event,
+) -> RestoreReport | None:
+    """Apply the changelog of ``partition`` after the offset the store reflects."""
+    started = time.monotonic()
+    start = store.changelog_position(partition)
+    report = RestoreReport(partition, start, local_keys=len(state.states))
+    tp = TopicPartition(SELLABLE_CHANGELOG.name, partition)
+    _, end = consumer.get_watermark_offsets(tp, timeout=10)
+    if end <= start:  # nothing after what the store reflects
+        report.seconds = time.monotonic() - started
+        return report
+    consumer.assign([TopicPartition(SELLABLE_CHANGELOG.name, partition, start)])
+    states, from_bytes = state.states, KeyState.from_bytes
+    newest_generation = 0
+    resume: dict[int, int] | None = None
+    next_offset = start
+    idle_since = time.monotonic()
+    try:
+        while True:
+            if stop.is_set():
+                return None
+            messages = consumer.consume(_RESTORE_BATCH, 0.2)
+            if not messages:
+                if time.monotonic() - idle_since > 30:
+                    raise KafkaException(
+                        KafkaError(KafkaError._TIMED_OUT, f"restoring {tp}: no records for 30 s")
+                    )
+                continue
+            idle_since = time.monotonic()
+            encoded: dict[bytes, bytes] = {}
+            read = 0
+            at_end = False
+            for message in messages:
+                error = message.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        at_end = True
+                        continue
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.warning("restoring %s: %s", tp, error)
+                    continue
+                next_offset = (message.offset() or 0) + 1
+                key, value = message.key(), message.value()
+                if key is None or value is None:
+                    continue
+                data, record_resume, generation = decode_record(value)
+                if generation < newest_generation:
+                    continue  # written by an instance that had already lost the partition
+                newest_generation = generation
+                read += 1
+                encoded[key] = data
+                resume = record_resume
+            report.records += read
+            for key, data in encoded.items():
+                states[key] = from_bytes(data)
+            if resume is not None:
+                state.applied = dict(resume)
+            positions = {
+                (INPUT_TOPICS[kind], partition): offset for kind, offset in state.applied.items()
+            }
+            store.apply_encoded(encoded, positions, {partition: next_offset})
+            if at_end and next_offset >= end:
+                break
+    finally:
+        consumer.unassign()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _log_restore(report: RestoreReport, keys: int) -> None:
+    if report.records == 0:
+        log.info(
+            "partition %d: local state is current (%d key(s), changelog offset %d)",
+            report.partition,
+            keys,
+            report.from_offset,
+        )
+        return
+    rate = report.records / report.seconds if report.seconds > 0 else float("inf")
+    log.info(
+        "partition %d: restored %d changelog record(s) from offset %d in %.2f s "
+        "(%.0f records/s) on top of %d local key(s): %d key(s)",
+        report.partition,
+        report.records,
+        report.from_offset,
+        report.seconds,
+        rate,
+        report.local_keys,
+        keys,
+    )

@@ -1,0 +1,293 @@
+"""The calculator group: which partitions this instance owns, decided by Kafka.
+
+Every instance is a member of one consumer group (``CALCULATOR_GROUP_ID``) subscribed
+to ``inventory_adjustments``, with the range assignor. The group is used for membership
+and assignment only: the member pauses whatever it is assigned and never reads a record
+through the group (the dataflow reads both input topics with ``assign``, from the
+positions its restored state reflects). Partition p of ``inventory_adjustments`` stands
+for partition p of every co-partitioned topic.
+
+The rebalance protocol is eager: every rebalance first revokes everything. The revoke
+callback returns only once the dataflow has stopped and the store holds everything it
+published, so the next owner of a partition restores from a changelog nobody writes
+to any more. (Tansu ran librdkafka's ``cooperative-sticky`` assignor, which would move
+fewer partitions, but did not complete its rebalances when measured, so: range.)
+
+Example::
+
+    membership = GroupMembership(settings, assignments, on_failure=stop_instance)
+    membership.start()          # a thread: joins, heartbeats, calls back on rebalances
+    ...
+    membership.stop()           # leaves the group: the others take the partitions at once
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from sellable_calculator.settings import CalculatorSettings
+from service_runtime.retry import Backoff, RetryStopped, retrying
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_TOPIC = INVENTORY_ADJUSTMENTS.name
+"""The topic whose partitions the group assigns (standing for every co-partitioned topic)."""
+
+REJOIN_BACKOFF = Backoff(first=0.5, cap=5.0)
+"""Waits before a failed member consumer is replaced by a new one."""
+
+
+class Assignments:
+    """Hands assignments from the membership thread to the dataflow loop, and waits for
+    the dataflow to stop when they are revoked. Thread-safe."""
+
+    def __init__(self, revoke_timeout: float = 30.0) -> None:
+        self._cond = threading.Condition()
+        self._pending: tuple[int, ...] | None = None
+        self._generation = 0
+        self._running: threading.Event | None = None
+        """The stop event of the dataflow running now (None: none runs)."""
+        self._closed = False
+        self._lost = False
+        self._revoke_timeout = revoke_timeout
+
+    def assigned(self, partitions: tuple[int, ...]) -> None:
+        """The group assigned ``partitions`` (the whole assignment): run them."""
+        with self._cond:
+            # A generation is a timestamp: it only has to grow from one assignment to
+            # the next across the group, and the rebalances are seconds apart.
+            self._generation = max(self._generation + 1, int(time.time() * 1000))
+            self._pending = tuple(sorted(partitions))
+            self._cond.notify_all()
+
+    def revoked(self, lost: bool = False) -> None:
+        """The group takes the assignment back (``lost``: it may have reassigned it
+        already): stop the dataflow, and return once it has stopped (or after the revoke
+        timeout, logged)."""
+        with self._cond:
+            self._pending = None
+            self._lost = self._lost or lost
+            running = self._running
+            if running is None:
+                return
+            running.set()
+            if not self._cond.wait_for(lambda: self._running is None, self._revoke_timeout):
+                log.error(
+                    "the dataflow did not stop within %g s of a revoke; the next owner may "
+                    "restore a partition this instance still writes",
+                    self._revoke_timeout,
+                )
+
+    def close(self) -> None:
+        """No more assignments will come: :meth:`next` returns None from now on."""
+        with self._cond:
+            self._closed = True
+            if self._running is not None:
+                self._running.set()
+            self._cond.notify_all()
+
+    def next(self) -> tuple[tuple[int, ...], int, threading.Event] | None:
+        """Wait for an assignment: ``(partitions, generation, stop)``, where ``stop`` is set
+        when it is revoked; None once closed. Call :meth:`finished` when its dataflow ends."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closed or self._pending is not None)
+            if self._closed or self._pending is None:
+                return None
+            partitions, self._pending = self._pending, None
+            self._running = threading.Event()
+            return partitions, self._generation, self._running
+
+    def take_lost(self) -> bool:
+        """Whether the last assignment was lost rather than revoked (and forget it)."""
+        with self._cond:
+            lost, self._lost = self._lost, False
+            return lost
+
+    def finished(self) -> None:
+        """The dataflow of the last assignment has stopped (its sinks flushed)."""
+        with self._cond:
+            self._running = None
+            self._cond.notify_all()
+
+
+@dataclass
+class _Question:
+    """Does the group still count this member? Asked by a sink, answered by the
+    membership thread."""
+
+    answered: threading.Event = field(default_factory=threading.Event)
+    answer: bool = False
+
+
+class GroupMembership:
+    """This instance's membership of the calculator group, on a thread of its own.
+
+    A member consumer that fails (a fatal error) is replaced by a new one, which rejoins,
+    with backoff, for as long as it takes (readiness says not ready meanwhile). Anything
+    else that breaks the thread calls ``on_failure``: the instance then stops and exits
+    non-zero, so that a supervisor restarts it.
+    """
+
+    def __init__(
+        self,
+        settings: CalculatorSettings,
+        assignments: Assignments,
+        on_failure: Callable[[BaseException], None] = lambda exc: None,
+    ) -> None:
+        self._settings = settings
+        self._assignments = assignments
+        self._on_failure = on_failure
+        self._stop = threading.Event()
+        self._in_group = False
+        self._questions: queue.SimpleQueue[_Question] = queue.SimpleQueue()
+        self._assigned: tuple[int, ...] = ()
+        self._thread = threading.Thread(target=self._run, name="group-membership", daemon=True)
+
+    @property
+    def in_group(self) -> bool:
+        """Whether this instance holds a current assignment (readiness reports it)."""
+        return self._in_group and self._thread.is_alive()
+
+    def still_member(self, stop: threading.Event, timeout: float = 5.0) -> bool | None:
+        """Whether the group coordinator says this instance still holds its assignment:
+        True, False, or None when no answer came before ``stop`` was set or ``timeout``.
+
+        The membership thread asks, with a synchronous offset commit: it carries the
+        member id and the group generation, and the coordinator refuses it from a member
+        it has dropped (Kafka's own fencing of a consumer that was silent too long; Tansu
+        answers UNKNOWN_MEMBER_ID). The offsets committed are never read: the group is
+        used for membership only. Only the membership thread may commit: librdkafka
+        serves a synchronous commit from another thread only once that thread polls.
+        """
+        question = _Question()
+        self._questions.put(question)
+        deadline = time.monotonic() + timeout
+        while not question.answered.wait(0.05):
+            if stop.is_set() or time.monotonic() > deadline:
+                return None
+        return question.answer
+
+    def _answer_questions(self, consumer: Consumer) -> None:
+        while True:
+            try:
+                question = self._questions.get_nowait()
+            except queue.Empty:
+                return
+            question.answer = self._in_group and self._commit_accepted(consumer)
+            question.answered.set()
+
+    def _commit_accepted(self, consumer: Consumer) -> bool:
+        if not self._assigned:
+            return True
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(MEMBERSHIP_TOPIC, p, 0) for p in self._assigned],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            log.warning("the group refused this member's commit: %s", exc)
+            return False
+        return True
+
+    def start(self) -> None:
+        """Join the group."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 40.0) -> None:
+        """Leave the group (after the revoke stopped the dataflow) and end the thread."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _consumer(self) -> Consumer:
+        session_ms = int(self._settings.calculator_session_timeout_seconds * 1000)
+        return Consumer(
+            {
+                "bootstrap.servers": self._settings.kafka_bootstrap_servers,
+                "group.id": self._settings.calculator_group_id,
+                "client.id": self._settings.instance_id,
+                "partition.assignment.strategy": "range",
+                "session.timeout.ms": session_ms,
+                "heartbeat.interval.ms": max(100, session_ms // 6),
+                # Also the rebalance timeout: how long a rebalance waits for members to
+                # rejoin, i.e. for their revoke (dataflow stop) to finish.
+                "max.poll.interval.ms": max(6000, 2 * session_ms),
+                "enable.auto.commit": False,
+                "auto.offset.reset": "latest",
+            }
+        )
+
+    def _run(self) -> None:
+        try:
+            retrying(
+                "membership of the calculator group",
+                REJOIN_BACKOFF,
+                retry_on=KafkaException,
+                stop=self._stop,
+                fresh_after=60.0,
+                logger=log,
+            )(self._member)
+        except RetryStopped:
+            pass
+        except BaseException as exc:  # the instance must not run without a group
+            log.error("cannot stay in the calculator group: %s", exc, exc_info=exc)
+            self._assignments.close()
+            self._on_failure(exc)
+        finally:
+            self._in_group = False
+            self._assignments.close()
+
+    def _member(self) -> None:
+        """Be a member until stopped; raises KafkaException on a fatal error."""
+        consumer = self._consumer()
+
+        def on_assign(member: Consumer, partitions: list[TopicPartition]) -> None:
+            if partitions:
+                member.pause(partitions)  # membership only: never read through the group
+            owned = tuple(sorted(tp.partition for tp in partitions))
+            log.info(
+                "the group assigned partitions %s to %s", list(owned), self._settings.instance_id
+            )
+            self._assigned = owned
+            self._in_group = True
+            self._assignments.assigned(owned)
+
+        def on_revoke(member: Consumer, partitions: list[TopicPartition]) -> None:
+            self._in_group = False
+            log.info(
+                "the group revoked partitions %s: stopping the dataflow",
+                sorted(tp.partition for tp in partitions),
+            )
+            self._assignments.revoked()
+
+        def on_lost(member: Consumer, partitions: list[TopicPartition]) -> None:
+            self._in_group = False
+            log.warning(
+                "lost partitions %s (this instance was silent longer than the session "
+                "timeout): stopping the dataflow",
+                sorted(tp.partition for tp in partitions),
+            )
+            self._assignments.revoked(lost=True)
+
+        consumer.subscribe(
+            [MEMBERSHIP_TOPIC], on_assign=on_assign, on_revoke=on_revoke, on_lost=on_lost
+        )
+        try:
+            while not self._stop.is_set():
+                message = consumer.poll(0.05)
+                self._answer_questions(consumer)
+                error = None if message is None else message.error()
+                if error is not None:
+                    if error.fatal():
+                        raise KafkaException(error)
+                    log.warning("calculator group: %s", error)
+        finally:
+            consumer.close()  # revokes (stopping the dataflow) and leaves the group
+            self._in_group = False
