@@ -49,6 +49,9 @@ class InstanceInfo:
     started_at: float
     restoring: tuple[int, ...] = ()
     """Assigned partitions whose state is still being restored: not served yet."""
+    group: str = ""
+    """The calculator group (``CALCULATOR_GROUP_ID``): instances of other groups sharing
+    the topic are ignored."""
     generation: int = 0
     """When the instance got this assignment (epoch ms): the newer claim of a partition wins."""
 
@@ -79,6 +82,7 @@ class InstanceInfo:
             started_at=float(raw["started_at"]),
             restoring=tuple(int(p) for p in raw.get("restoring", ())),
             generation=int(raw.get("generation", 0)),
+            group=str(raw.get("group", "")),
         )
 
     @classmethod
@@ -90,6 +94,7 @@ class InstanceInfo:
             (),
             settings.topic_partitions,
             time.time(),
+            group=settings.calculator_group_id,
         )
 
 
@@ -113,8 +118,8 @@ class RoutingTable:
 
     def update(self, info: InstanceInfo) -> None:
         """Take an advertisement into account (the latest per instance id wins)."""
-        if info.instance_id == self.me.instance_id:
-            return  # we know ourselves better than any old record of us
+        if info.instance_id == self.me.instance_id or info.group != self.me.group:
+            return  # we know ourselves better than any old record of us; other groups' own
         if info.partition_count != self.me.partition_count:
             log.error(
                 "ignoring instance %s: it runs with %d partitions, this one with %d",
