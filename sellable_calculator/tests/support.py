@@ -18,15 +18,9 @@ import httpx
 from confluent_kafka import Producer
 
 from local_stack.process import ManagedProcess, free_port
-from sellable_calculator.dataflow import (
-    ADJUSTMENT,
-    INPUT_TOPICS,
-    RESERVATION,
-    MutationBatch,
-    PartitionState,
-    PartitionSums,
-    PartitionUpdate,
-)
+from local_stack.testing import wait_until
+from sellable_calculator.changelog import INPUT_TOPICS, PartitionState
+from sellable_calculator.dataflow import MutationBatch, PartitionSums, PartitionUpdate
 from sellable_calculator.store import SellableStore
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.positions import Position
@@ -145,6 +139,25 @@ class Calculator:
         response = self.sellable(location, sku)
         return response.json()["count"] if response.status_code == 200 else None
 
+    @property
+    def instance_id(self) -> str:
+        return self.env["CALCULATOR_INSTANCE_ID"]
+
+    def partitions(self) -> list[int]:
+        """The partitions this instance owns and serves (active), by its own routing table."""
+        metadata = self.get("/metadata").json()
+        return sorted(
+            p["partition"]
+            for p in metadata["partitions"]
+            if p["owner"] == self.instance_id and p["state"] == "active"
+        )
+
+    def ready(self) -> bool:
+        try:
+            return self.get("/health/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
         total = 0.0
@@ -156,21 +169,58 @@ class Calculator:
         return total
 
 
-def lone_calculator(bootstrap: str, state: Path, name: str, **extra: str) -> Calculator:
-    """One calculator (not started) owning every partition of ``bootstrap``'s topics, its
-    state and logs under ``state``, with an instance id starting ``name``."""
-    port = free_port()
-    env = {
+def calculator_env(
+    bootstrap: str, state: Path, group: str, name: str, port: int, **extra: str
+) -> dict[str, str]:
+    """The environment of one instance of calculator group ``group`` (its own, so that
+    instances of other tests' groups on the same broker never join it), listening on
+    ``port``, its state under ``state``, its instance id ``name``."""
+    return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TOPIC_PARTITIONS": str(PARTITIONS),
         "CALCULATOR_PORT": str(port),
-        "CALCULATOR_INSTANCE_COUNT": "1",
-        "CALCULATOR_INSTANCE_ID": f"{name}-{uuid.uuid4().hex[:6]}",
+        "CALCULATOR_GROUP_ID": group,
+        "CALCULATOR_INSTANCE_ID": name,
         "CALCULATOR_STATE_DIR": str(state),
         **extra,
     }
+
+
+def lone_calculator(bootstrap: str, state: Path, name: str, **extra: str) -> Calculator:
+    """One calculator (not started) in a group of its own, so owning every partition of
+    ``bootstrap``'s topics, its state and logs under ``state``, with an instance id
+    starting ``name``."""
+    port = free_port()
+    run = uuid.uuid4().hex[:6]
+    env = calculator_env(bootstrap, state, f"group-{name}-{run}", f"{name}-{run}", port, **extra)
     return Calculator(0, port, env, state / "logs")
+
+
+def wait_for_assignment(calculators: list[Calculator], timeout: float = 60) -> None:
+    """Wait until every partition is active on one of ``calculators``, each sees the same
+    owners, and every one of them is ready."""
+
+    def settled() -> bool:
+        views = []
+        for calculator in calculators:
+            try:
+                views.append(
+                    [
+                        (p["owner"], p["state"])
+                        for p in calculator.get("/metadata").json()["partitions"]
+                    ]
+                )
+            except (httpx.HTTPError, ValueError, KeyError):
+                return False
+        ids = {c.instance_id for c in calculators}
+        return (
+            all(view == views[0] for view in views)
+            and all(owner in ids and state == "active" for owner, state in views[0])
+            and all(c.ready() for c in calculators)
+        )
+
+    wait_until(settled, timeout=timeout)
 
 
 def unique_location(prefix: str = "LOC") -> str:
@@ -178,12 +228,13 @@ def unique_location(prefix: str = "LOC") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def sku_owned_by(index: int, location: str, start: int = 0) -> str:
-    """A sku whose key lives in a partition instance ``index`` (of two) owns."""
+def sku_owned_by(calculator: Calculator, location: str, start: int = 0) -> str:
+    """A sku whose key lives in a partition ``calculator`` owns now."""
+    owned = set(calculator.partitions())
     for n in range(start, start + 1_000):
-        if partition_for(encode_key(location, str(n)), PARTITIONS) % 2 == index:
+        if partition_for(encode_key(location, str(n)), PARTITIONS) in owned:
             return str(n)
-    raise AssertionError("no sku found")
+    raise AssertionError(f"no sku found in partitions {sorted(owned)}")
 
 
 def apply_batch(
@@ -201,14 +252,6 @@ def apply_batch(
     return updates
 
 
-def start_inputs(
-    logic: PartitionSums,
-    store: SellableStore,
-    partition: int,
-    resume: PartitionState | None = None,
-) -> None:
-    """The empty batch each input partition sends first (at ``resume``'s offsets)."""
-    adjusted = resume.applied.get(ADJUSTMENT, 0) if resume else 0
-    reserved = resume.applied.get(RESERVATION, 0) if resume else 0
-    apply_batch(logic, store, MutationBatch(ADJUSTMENT, partition, [], adjusted))
-    apply_batch(logic, store, MutationBatch(RESERVATION, partition, [], reserved))
+def sums_of(partition: int, state: PartitionState | None = None) -> PartitionSums:
+    """The sums of ``partition``, starting from ``state`` (empty by default)."""
+    return PartitionSums({partition: state or PartitionState({})})
