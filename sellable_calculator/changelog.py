@@ -83,6 +83,32 @@ class PartitionState:
 
 
 @dataclass
+class ChangelogReader:
+    """Applies one partition's changelog records, in offset order, to its state.
+
+    The latest record of a key wins, except a record of an older assignment after one of
+    a newer (written by an instance that had lost the partition and not noticed yet: its
+    states are true, but older than what the newer owner wrote before it). The inputs
+    resume where the last record applied says.
+    """
+
+    state: PartitionState
+    newest_generation: int = 0
+    records: int = 0
+
+    def apply(self, key: bytes, value: bytes) -> bytes | None:
+        """Apply one record; the encoded key state it brought, or None if it was skipped."""
+        data, resume, generation = decode_record(value)
+        if generation < self.newest_generation:
+            return None
+        self.newest_generation = generation
+        self.state.states[key] = KeyState.from_bytes(data)
+        self.state.applied = resume
+        self.records += 1
+        return data
+
+
+@dataclass
 class RestoreReport:
     """What a restore did, for logs and metrics."""
 
@@ -164,9 +190,7 @@ def _catch_up(
         report.seconds = time.monotonic() - started
         return report
     consumer.assign([TopicPartition(SELLABLE_CHANGELOG.name, partition, start)])
-    states, from_bytes = state.states, KeyState.from_bytes
-    newest_generation = 0
-    resume: dict[int, int] | None = None
+    reader = ChangelogReader(state)
     next_offset = start
     idle_since = time.monotonic()
     try:
@@ -182,7 +206,6 @@ def _catch_up(
                 continue
             idle_since = time.monotonic()
             encoded: dict[bytes, bytes] = {}
-            read = 0
             at_end = False
             for message in messages:
                 error = message.error()
@@ -198,18 +221,10 @@ def _catch_up(
                 key, value = message.key(), message.value()
                 if key is None or value is None:
                     continue
-                data, record_resume, generation = decode_record(value)
-                if generation < newest_generation:
-                    continue  # written by an instance that had already lost the partition
-                newest_generation = generation
-                read += 1
-                encoded[key] = data
-                resume = record_resume
-            report.records += read
-            for key, data in encoded.items():
-                states[key] = from_bytes(data)
-            if resume is not None:
-                state.applied = dict(resume)
+                data = reader.apply(key, value)
+                if data is not None:
+                    encoded[key] = data
+            report.records = reader.records
             positions = {
                 (INPUT_TOPICS[kind], partition): offset for kind, offset in state.applied.items()
             }

@@ -1,30 +1,32 @@
-"""The running sums and their recovery, deterministically: no broker, no timing luck.
+"""The running sums and the changelog they move through, deterministically: no broker,
+no timing luck.
 
-A crash (kill -9) leaves the store ahead of Bytewax's last snapshot, and on restart the
-two input topics replay through separate consumers in any order relative to each other.
-These tests drive :class:`PartitionSums` through exactly such replays and apply its
-updates to a real store the way the sink does (the sink's publishing is tested against
-the real broker in ``test_recovery.py``; what is held back while replaying, key by key,
-in ``test_replay.py``).
+An instance that takes over a partition restores it from the changelog and resumes the
+inputs where the partition's last record says; a crash may have published only part of
+the last batch, and the two input topics replay through separate consumers in any order
+relative to each other. These tests drive :class:`PartitionSums` through exactly such
+takeovers, with the changelog records the sink would publish (the sink and the restore
+against the real broker are tested in ``test_recovery.py`` and ``test_group.py``).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sellable_calculator.dataflow import (
+from sellable_calculator.changelog import (
     ADJUSTMENT,
-    INPUT_TOPICS,
     RESERVATION,
-    MutationBatch,
-    PartitionSums,
+    ChangelogReader,
+    PartitionState,
+    encode_record,
 )
-from sellable_calculator.health import DataflowHealth
-from sellable_calculator.store import Sellable, SellableStore
-from sellable_calculator.tests.support import apply_batch, start_inputs
+from sellable_calculator.dataflow import MutationBatch, PartitionSums, PartitionUpdate
+from sellable_calculator.store import KeyState, Sellable, SellableStore
+from sellable_calculator.tests.support import apply_batch, sums_of
 from shared_schemas.serde import encode_key
 
 STL = encode_key("STL", "123123")
@@ -38,7 +40,7 @@ def store(tmp_path: Path) -> SellableStore:
 
 
 def test_sums_are_on_hand_minus_reserved_per_key(store: SellableStore) -> None:
-    logic = PartitionSums(None, store)
+    logic = sums_of(PARTITION)
     (update,) = apply_batch(
         logic,
         store,
@@ -46,95 +48,81 @@ def test_sums_are_on_hand_minus_reserved_per_key(store: SellableStore) -> None:
         MutationBatch(RESERVATION, PARTITION, [(STL, 10, 2_000, 0)], 1),
     )
     assert update.partition == PARTITION
-    assert update.changes == {STL: Sellable(90, 100, 10, 2_000), KC: Sellable(7, 7, 0, 1_001)}
+    assert update.changes == {
+        STL: KeyState(100, 10, True, 2_000, 2, 1),
+        KC: KeyState(7, 0, True, 1_001, 2, 1),
+    }
+    assert update.resume == {}
     assert update.next_offsets == {ADJUSTMENT: 2, RESERVATION: 1}
     assert store.get(STL) == Sellable(90, 100, 10, 2_000)
 
 
 def test_key_exists_once_adjusted_and_earlier_reservations_count(store: SellableStore) -> None:
-    logic = PartitionSums(None, store)
+    logic = sums_of(PARTITION)
     (update,) = apply_batch(
         logic, store, MutationBatch(RESERVATION, PARTITION, [(STL, 10, 5, 3)], 4)
     )
-    assert update.changes == {}  # the left join: no adjustment, no key
-    assert update.next_offsets == {RESERVATION: 4}  # progress still moves
+    # The left join: no adjustment, no key to serve; but the state changed (changelog).
+    assert update.changes == {STL: KeyState(0, 10, False, 5, 0, 4)}
+    assert store.get(STL) is None
     (update,) = apply_batch(
         logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 6, 0)], 1)
     )
-    assert update.changes == {STL: Sellable(90, 100, 10, 6)}
+    assert store.get(STL) == Sellable(90, 100, 10, 6)
+    assert update.resume == {RESERVATION: 4}
 
 
-def test_negative_adjustments_and_resume_from_snapshot(store: SellableStore) -> None:
-    logic = PartitionSums(None, store)
-    apply_batch(
-        logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0), (STL, -30, 2, 1)], 2)
+def test_negative_adjustments_and_a_restored_state(store: SellableStore) -> None:
+    restored = PartitionState(
+        {STL: KeyState(50, 5, True, 9, 3, 1)}, {ADJUSTMENT: 3, RESERVATION: 1}
     )
-    snapshot = logic.snapshot()
-    apply_batch(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
-    assert snapshot.sums[STL] == (70, 0, True, 2)  # the snapshot did not see the later batch
-    assert snapshot.applied == {ADJUSTMENT: 2}
-    resumed = PartitionSums(snapshot, store)
-    apply_batch(resumed, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1_000, 3, 2)], 3))
+    logic = sums_of(PARTITION, restored)
+    apply_batch(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, -20, 10, 3)], 4))
+    assert store.get(STL) == Sellable(25, 30, 5, 10)
+
+
+def test_a_replayed_mutation_the_key_already_reflects_is_skipped(store: SellableStore) -> None:
+    """The last batch before a crash reached the changelog for STL but not for KC: the
+    partition resumes before that batch; STL skips it, KC applies it."""
+    restored = PartitionState(
+        {STL: KeyState(105, 0, True, 9, 6, 0), KC: KeyState(1, 0, True, 9, 4, 0)},
+        {ADJUSTMENT: 4, RESERVATION: 0},  # the resume positions of the last record
+    )
+    logic = sums_of(PARTITION, restored)
     (update,) = apply_batch(
-        resumed, store, MutationBatch(RESERVATION, PARTITION, [(STL, 5, 4, 0)], 1)
+        logic,
+        store,
+        MutationBatch(ADJUSTMENT, PARTITION, [(STL, 5, 1, 4), (KC, 2, 1, 5)], 6),
     )
-    assert update.changes == {STL: Sellable(1_065, 1_070, 5, 4)}
+    assert update.changes == {KC: KeyState(3, 0, True, 9, 6, 0)}
+    (update,) = apply_batch(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 1, 1, 6)], 7))
+    assert store.get(STL) == Sellable(106, 106, 0, 9)
 
 
-def test_a_reservation_replayed_before_the_adjustment_it_follows_is_not_lost(
-    store: SellableStore,
-) -> None:
-    """Adjust +100 (stored, not yet in a snapshot), crash, reserve 7, restart: 93."""
-    first = PartitionSums(None, store)
-    start_inputs(first, store, PARTITION)
-    snapshot = first.snapshot()  # the last snapshot before the crash
-    apply_batch(first, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1))
-    assert store.get(STL) == Sellable(100, 100, 0, 1)
-    # kill -9 here; a reservation is written while the instance is down.
-    health = DataflowHealth()
-    restarted = PartitionSums(snapshot, store, health)
-    start_inputs(restarted, store, PARTITION, snapshot)
-    # The reservations' consumer replays first: the key does not exist in the sums yet.
-    assert (
-        apply_batch(restarted, store, MutationBatch(RESERVATION, PARTITION, [(STL, 7, 2, 0)], 1))
-        == []
-    )
-    assert health.replaying() == [PARTITION]
-    assert store.get(STL) == Sellable(100, 100, 0, 1)  # the true value it had, not a mix
+def test_a_key_ahead_of_the_partition_keeps_its_positions(store: SellableStore) -> None:
+    """A key changed by a reservation while the partition still replays adjustments below
+    the key's position must not fall back to the partition's position: the replayed
+    adjustments would count twice."""
+    restored = PartitionState({STL: KeyState(100, 0, True, 9, 10, 0)}, {ADJUSTMENT: 8})
+    logic = sums_of(PARTITION, restored)
     (update,) = apply_batch(
-        restarted, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1)
+        logic, store, MutationBatch(RESERVATION, PARTITION, [(STL, 3, 1, 0)], 1)
     )
-    assert update.changes == {STL: Sellable(93, 100, 7, 2)}
-    assert update.next_offsets == {ADJUSTMENT: 1, RESERVATION: 1}
-    assert store.get(STL) == Sellable(93, 100, 7, 2)
-    assert health.replaying() == []
-
-
-def test_a_store_behind_the_snapshot_is_repaired_at_the_first_batch(store: SellableStore) -> None:
-    """Values in the snapshot but missing from the store are published at start."""
-    logic = PartitionSums(None, store)
-    start_inputs(logic, store, PARTITION)
-    logic.on_batch([MutationBatch(ADJUSTMENT, PARTITION, [(STL, 100, 1, 0)], 1)])  # lost write
-    snapshot = logic.snapshot()
-    restarted = PartitionSums(snapshot, store)
-    (update,) = apply_batch(restarted, store, MutationBatch(RESERVATION, PARTITION, [], 0))
-    assert update.changes == {STL: Sellable(100, 100, 0, 1)}
-    assert store.get(STL) == Sellable(100, 100, 0, 1)
-
-
-def test_state_of_an_older_version_is_refused_with_advice(store: SellableStore) -> None:
-    with pytest.raises(TypeError, match="delete the instance's state directory"):
-        PartitionSums({STL: (1, 0, True, 1)}, store)  # type: ignore[arg-type]
+    assert update.changes[STL].adjustments_position == 10
+    apply_batch(logic, store, MutationBatch(ADJUSTMENT, PARTITION, [(STL, 7, 1, 9)], 10))
+    assert store.get(STL) == Sellable(97, 100, 3, 9)
 
 
 Record = tuple[int, bytes, int]
 """(kind, key, count) of one mutation."""
 
 
-def _chunks(rng: random.Random, logs: dict[int, list[Record]], start: dict[int, int]):  # type: ignore[no-untyped-def]
+def _chunks(
+    rng: random.Random, logs: dict[int, list[Record]], start: dict[int, int]
+) -> Iterator[MutationBatch]:
     """The two topics from ``start`` on, as the two consumers deliver them: batches of
     consecutive records of one topic, the topics interleaved at random."""
-    position = dict(start)
+    position = {k: start.get(k, 0) for k in logs}
     while any(position[k] < len(logs[k]) for k in logs):
         kind = rng.choice([k for k in logs if position[k] < len(logs[k])])
         size = rng.randint(1, 4)
@@ -146,65 +134,67 @@ def _chunks(rng: random.Random, logs: dict[int, list[Record]], start: dict[int, 
         yield MutationBatch(kind, PARTITION, mutations, position[kind])
 
 
-def _truth(logs: dict[int, list[Record]], upto: dict[int, int]) -> dict[bytes, int]:
-    """Sellable per existing key after the first ``upto[kind]`` records of each topic."""
-    on_hand: dict[bytes, int] = {}
-    reserved: dict[bytes, int] = {}
-    for _, key, count in logs[ADJUSTMENT][: upto.get(ADJUSTMENT, 0)]:
-        on_hand[key] = on_hand.get(key, 0) + count
-    for _, key, count in logs[RESERVATION][: upto.get(RESERVATION, 0)]:
-        reserved[key] = reserved.get(key, 0) + count
-    return {key: value - reserved.get(key, 0) for key, value in on_hand.items()}
+def _sums(logs: dict[int, list[Record]], key: bytes, upto: dict[int, int]) -> tuple[int, int]:
+    """(on hand, reserved) of ``key`` after the first ``upto[kind]`` records of each topic."""
+    return (
+        sum(c for _, k, c in logs[ADJUSTMENT][: upto.get(ADJUSTMENT, 0)] if k == key),
+        sum(c for _, k, c in logs[RESERVATION][: upto.get(RESERVATION, 0)] if k == key),
+    )
 
 
-def _assert_store_matches_its_positions(
-    store: SellableStore, logs: dict[int, list[Record]]
-) -> None:
-    """Every stored value is exactly the truth at the store's own positions: never a mix."""
-    positions = {
-        kind: store.positions().get((INPUT_TOPICS[kind], PARTITION), 0)
-        for kind in (ADJUSTMENT, RESERVATION)
-    }
-    truth = _truth(logs, positions)
-    keys = {key for _, key, _ in logs[ADJUSTMENT]}
-    stored = {key: value.count for key in keys if (value := store.get(key)) is not None}
-    assert stored == truth, f"store at {positions}"
+def _records(update: PartitionUpdate, generation: int) -> list[tuple[bytes, bytes]]:
+    """The changelog records the sink publishes for ``update``."""
+    return [
+        (key, encode_record(state, update.resume, generation))
+        for key, state in update.changes.items()
+    ]
 
 
 @pytest.mark.parametrize("seed", range(150))
-def test_any_crash_point_and_replay_order_ends_exact_and_never_shows_a_mix(
-    tmp_path: Path, seed: int
+def test_any_crash_point_and_replay_order_ends_exact_and_every_record_is_true(
+    seed: int,
 ) -> None:
-    """Random writes, a snapshot, a crash later (or earlier: a store that lost writes),
-    more writes while down, then a replay in another interleaving of the two topics."""
+    """Random writes; the owner publishes its changelog batch by batch and crashes at a
+    random point, part-way through publishing a batch; a new owner restores from the
+    changelog and replays the rest in another interleaving (and maybe crashes too)."""
     rng = random.Random(seed)
     keys = [encode_key("L", str(n)) for n in range(4)]
     logs: dict[int, list[Record]] = {ADJUSTMENT: [], RESERVATION: []}
     for _ in range(rng.randint(5, 40)):
         kind = rng.choice((ADJUSTMENT, RESERVATION))
         logs[kind].append((kind, rng.choice(keys), rng.randint(1, 9)))
-    store = SellableStore(tmp_path / "store")
+    changelog: list[tuple[bytes, bytes]] = []
 
-    # Before the crash: the original interleaving, with a snapshot somewhere in it.
-    original = PartitionSums(None, store)
-    start_inputs(original, store, PARTITION)
-    batches = list(_chunks(rng, logs, {ADJUSTMENT: 0, RESERVATION: 0}))
-    snapshot_at, crash_at = rng.randint(0, len(batches)), rng.randint(0, len(batches))
-    snapshot = original.snapshot()
-    for i, batch in enumerate(batches[: max(snapshot_at, crash_at)]):
-        if i < crash_at:
-            apply_batch(original, store, batch)
-        else:  # the store lost these writes: the snapshot is ahead of it
-            original.on_batch([batch])
-        if i + 1 == snapshot_at:
-            snapshot = original.snapshot()
-    _assert_store_matches_its_positions(store, logs)
+    for generation in (1, 2, 3):
+        # Restore from the changelog, then run until a crash (the last owner never does).
+        restored = PartitionState({})
+        reader = ChangelogReader(restored)
+        for key, value in changelog:
+            reader.apply(key, value)
+        owner = PartitionSums({PARTITION: restored})
+        batches = list(_chunks(rng, logs, restored.applied))
+        crash_at = rng.randint(0, len(batches)) if generation < 3 else len(batches)
+        for i, batch in enumerate(batches):
+            (update,) = owner.on_batch([batch])[0]
+            records = _records(update, generation)
+            if i == crash_at:
+                changelog.extend(records[: rng.randint(0, len(records))])
+                break
+            changelog.extend(records)
 
-    # Restart from the snapshot; everything after it replays, in another order.
-    restarted = PartitionSums(snapshot, store)
-    start_inputs(restarted, store, PARTITION, snapshot)
-    for batch in _chunks(rng, logs, {k: snapshot.applied.get(k, 0) for k in logs}):
-        apply_batch(restarted, store, batch)
-        _assert_store_matches_its_positions(store, logs)
-    final = _truth(logs, {k: len(v) for k, v in logs.items()})
-    assert {key: value.count for key in keys if (value := store.get(key))} == final
+    # Every record ever published is the truth at the positions it claims: never a mix.
+    reader = ChangelogReader(PartitionState({}))
+    for key, value in changelog:
+        data = reader.apply(key, value)
+        assert data is not None
+        state = KeyState.from_bytes(data)
+        upto = {ADJUSTMENT: state.adjustments_position, RESERVATION: state.reservations_position}
+        assert (state.on_hand, state.reserved) == _sums(logs, key, upto)
+    # And the end is exact.
+    everything = {k: len(v) for k, v in logs.items()}
+    final = reader.state.states
+    for key in keys:
+        if key in final:
+            assert (final[key].on_hand, final[key].reserved) == _sums(logs, key, everything)
+        else:
+            assert _sums(logs, key, everything) == (0, 0)

@@ -1,42 +1,115 @@
-"""Unit tests of the calculator's pieces: store, progress, routing, settings."""
+"""Unit tests of the calculator's pieces: store, progress, routing, settings, health,
+the changelog record and the hand-over of assignments."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from sellable_calculator.changelog import (
+    ADJUSTMENT,
+    RESERVATION,
+    ChangelogError,
+    decode_record,
+    encode_record,
+)
 from sellable_calculator.health import DataflowHealth
+from sellable_calculator.membership import Assignments
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
-from sellable_calculator.store import Sellable, SellableStore
+from sellable_calculator.store import KeyState, Sellable, SellableStore
+from shared_schemas.partitioner import partition_for
 from shared_schemas.serde import encode_key
 
 STL = encode_key("STL", "123123")
 KC = encode_key("KC", "1")
 
 
-def test_store_values_positions_and_location_scan(tmp_path: Path) -> None:
+def test_store_states_positions_and_location_scan(tmp_path: Path) -> None:
     store = SellableStore(tmp_path / "store")
     other = encode_key("STLX", "1")
+    reserved_only = encode_key("STL", "reserved-only")
     store.apply(
-        {STL: Sellable(90, 100, 10, 5), KC: Sellable(1, 1, 0, 6), other: Sellable(2, 2, 0, 7)},
+        {
+            STL: KeyState(100, 10, True, 5, 12, 3),
+            KC: KeyState(1, 0, True, 6, 12, 3),
+            other: KeyState(2, 0, True, 7, 12, 3),
+            reserved_only: KeyState(0, 4, False, 8, 0, 3),
+        },
         {("inventory_adjustments", 0): 12, ("inventory_reservations", 0): 3},
+        {0: 40},
     )
     assert store.get(STL) == Sellable(90, 100, 10, 5)
+    assert store.state(STL) == KeyState(100, 10, True, 5, 12, 3)
     assert store.get(encode_key("STL", "nope")) is None
+    # A key with reservations only is kept (its reservations count later) but not served.
+    assert store.get(reserved_only) is None
+    assert store.state(reserved_only) == KeyState(0, 4, False, 8, 0, 3)
     assert list(store.location("STL")) == [("123123", Sellable(90, 100, 10, 5))]
     assert store.count() == 3
     assert store.count(lambda key: key != KC) == 2
     assert store.positions() == {("inventory_adjustments", 0): 12, ("inventory_reservations", 0): 3}
+    assert store.changelog_position(0) == 40
+    assert store.changelog_position(1) == 0
     store.close()
     reopened = SellableStore(tmp_path / "store")
     assert reopened.get(KC) == Sellable(1, 1, 0, 6)
     reopened.close()
+
+
+def test_store_states_by_partition_and_forgetting_partitions(tmp_path: Path) -> None:
+    store = SellableStore(tmp_path / "store")
+    keys = [encode_key("L", str(n)) for n in range(40)]
+
+    def partition_of(key: bytes) -> int:
+        return partition_for(key, 6)
+
+    store.apply(
+        {key: KeyState(n, 0, True, 0, 1, 0) for n, key in enumerate(keys)},
+        {("inventory_adjustments", p): 1 for p in range(6)},
+        {p: 7 for p in range(6)},
+    )
+    states = store.states([0, 1], partition_of)
+    assert set(states) == {0, 1}
+    assert {k for p in (0, 1) for k in states[p]} == {k for k in keys if partition_of(k) < 2}
+    forgotten = store.forget([0], partition_of)
+    assert forgotten == sum(1 for k in keys if partition_of(k) == 0)
+    assert store.states([0], partition_of) == {0: {}}
+    assert store.changelog_position(0) == 0 and store.changelog_position(1) == 7
+    assert ("inventory_adjustments", 0) not in store.positions()
+    assert ("inventory_adjustments", 1) in store.positions()
+    store.close()
+
+
+def test_a_store_of_the_older_format_starts_empty(tmp_path: Path) -> None:
+    from rocksdict import Options, Rdict
+
+    old = Rdict(str(tmp_path / "store"), Options(raw_mode=True))
+    old.put(STL, b"x" * 32)  # version 1: 32-byte values, no format key
+    old.close()
+    store = SellableStore(tmp_path / "store")
+    assert store.get(STL) is None
+    assert store.count() == 0
+    store.close()
+
+
+def test_changelog_records_round_trip_and_refuse_other_formats() -> None:
+    state = KeyState(100, 10, True, 5, 12, 3)
+    value = encode_record(state, {ADJUSTMENT: 11, RESERVATION: 2}, 1_700_000_000_000)
+    data, resume, generation = decode_record(value)
+    assert KeyState.from_bytes(data) == state
+    assert resume == {ADJUSTMENT: 11, RESERVATION: 2}
+    assert generation == 1_700_000_000_000
+    with pytest.raises(ChangelogError):
+        decode_record(value[:-1])
+    with pytest.raises(ChangelogError):
+        decode_record(b"\x02" + value[1:])
 
 
 def test_progress_wakes_waiters_and_times_out() -> None:
@@ -56,32 +129,91 @@ def test_progress_wakes_waiters_and_times_out() -> None:
     assert asyncio.run(scenario()) == (True, True, False)
 
 
-def _info(name: str, partitions: tuple[int, ...], started: float, count: int = 6) -> InstanceInfo:
-    return InstanceInfo(name, f"http://{name}", partitions, count, started)
+def _info(
+    name: str,
+    partitions: tuple[int, ...],
+    generation: int,
+    count: int = 6,
+    group: str = "g",
+    restoring: tuple[int, ...] = (),
+) -> InstanceInfo:
+    return InstanceInfo(
+        name, f"http://{name}", partitions, count, 1.0, restoring, group, generation
+    )
 
 
-def test_routing_table_latest_start_wins_and_self_always_wins() -> None:
-    table = RoutingTable(_info("me", (0, 2), 10.0))
-    table.update(_info("old", (1, 3), 1.0))
-    table.update(_info("new", (3, 5), 2.0))
-    table.update(_info("usurper", (0,), 99.0))
-    table.update(_info("wrong-count", (4,), 50.0, count=12))
+def test_routing_table_the_newest_assignment_wins() -> None:
+    table = RoutingTable(_info("me", (0, 2), 10))
+    table.update(_info("old", (1, 3), 1))
+    table.update(_info("new", (3, 5), 20, restoring=(5,)))
+    table.update(_info("dead", (0, 4), 5))  # its partition 0 went to "me" since
+    table.update(_info("wrong-count", (4,), 50, count=12))
+    table.update(_info("other-group", (4,), 99, group="h"))
     owners = {p: (table.owner(p).instance_id if table.owner(p) else None) for p in range(6)}
-    assert owners == {0: "me", 1: "old", 2: "me", 3: "new", 4: None, 5: "new"}
+    assert owners == {0: "me", 1: "old", 2: "me", 3: "new", 4: "dead", 5: "new"}
+    assert table.owner(5).is_restoring(5) and not table.owner(3).is_restoring(3)
+    assert [i.instance_id for i in table.owning_instances()] == ["dead", "me", "new", "old"]
+    assert table.owned_by("new") == [3, 5]
+    # A newer assignment of "me" takes partition 4 over from the dead instance's record.
+    table.set_me(table.me.assigned((0, 2, 4), (4,), 30))
+    assert table.owner(4).instance_id == "me"
+    assert [i.instance_id for i in table.owning_instances()] == ["me", "new", "old"]
     table.remove("new")
     assert table.owner(5) is None
     assert InstanceInfo.from_json(table.me.to_json()) == table.me
 
 
-def test_settings_ownership() -> None:
-    base = {"topic_partitions": 6, "calculator_instance_count": 2}
-    assert CalculatorSettings(**base, calculator_instance_index=1).owned_partitions == (1, 3, 5)
-    assert CalculatorSettings(**base, calculator_partitions="5,1").owned_partitions == (1, 5)
-    assert CalculatorSettings(**base).instance_id == "calculator-0"
-    with pytest.raises(ValidationError, match="must be below"):
-        CalculatorSettings(**base, calculator_instance_index=2)
-    with pytest.raises(ValidationError, match="not below TOPIC_PARTITIONS"):
-        CalculatorSettings(**base, calculator_partitions="6")
+def test_an_advertisement_of_an_older_version_still_reads() -> None:
+    old = b'{"instance_id": "a", "url": "http://a/", "partitions": [1], "partition_count": 6,'
+    old += b' "started_at": 1.5}'
+    info = InstanceInfo.from_json(old)
+    assert (info.url, info.partitions, info.restoring, info.generation, info.group) == (
+        "http://a",
+        (1,),
+        (),
+        0,
+        "",
+    )
+
+
+def test_settings_identity() -> None:
+    assert CalculatorSettings(calculator_port=9096).instance_id == "calculator-9096"
+    assert CalculatorSettings(calculator_port=9096).advertised_url == "http://127.0.0.1:9096"
+    named = CalculatorSettings(calculator_advertised_url="http://calc-a:9094/")
+    assert named.instance_id == "calculator-calc-a-9094"
+    assert named.advertised_url == "http://calc-a:9094"
+    anywhere = CalculatorSettings(calculator_host="0.0.0.0")
+    assert (
+        anywhere.advertised_url.startswith("http://") and "0.0.0.0" not in anywhere.advertised_url
+    )
+    assert CalculatorSettings(calculator_instance_id="x").instance_dir.name == "x"
+    with pytest.raises(ValidationError):
+        CalculatorSettings(calculator_session_timeout_seconds=0.5)
+
+
+def test_assignments_hand_over_and_a_revoke_waits_for_the_dataflow() -> None:
+    assignments = Assignments(revoke_timeout=5)
+    assignments.assigned((3, 1))
+    first = assignments.next()
+    assert first is not None
+    partitions, generation, stop = first
+    assert partitions == (1, 3) and not stop.is_set()
+    revoked = threading.Thread(target=assignments.revoked, kwargs={"lost": True})
+    revoked.start()
+    assert stop.wait(5)  # the revoke stops the running dataflow ...
+    time.sleep(0.1)
+    assert revoked.is_alive()  # ... and waits until it says it has stopped
+    assignments.finished()
+    revoked.join(5)
+    assert not revoked.is_alive()
+    assert assignments.take_lost() and not assignments.take_lost()
+    assignments.assigned((1,))
+    second = assignments.next()
+    assert second is not None and second[1] > generation
+    assignments.close()
+    assert second[2].is_set()  # closing stops the dataflow that runs
+    assignments.finished()
+    assert assignments.next() is None
 
 
 def test_dataflow_health_is_not_ready_until_every_expected_input_reads() -> None:
