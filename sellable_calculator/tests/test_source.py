@@ -9,7 +9,8 @@ import uuid
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from sellable_calculator.dataflow import ADJUSTMENT, MutationSource
+from sellable_calculator.changelog import ADJUSTMENT, PartitionState
+from sellable_calculator.dataflow import Generation, MutationSource
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.settings import CalculatorSettings
@@ -53,8 +54,6 @@ def test_a_resume_offset_past_the_end_waits_for_it_without_jumping(
     settings = CalculatorSettings(
         kafka_bootstrap_servers=kafka_bootstrap,
         topic_partitions=PARTITIONS,
-        calculator_instance_index=0,
-        calculator_instance_count=1,
     )
     location = f"RANGE-{uuid.uuid4().hex[:6]}"
     skus = [
@@ -66,8 +65,10 @@ def test_a_resume_offset_past_the_end_waits_for_it_without_jumping(
     end = _produce(kafka_bootstrap, location, skus[:1])[0] + 1
     # The state says three records past the end were already counted.
     resume = end + 3
-    source = MutationSource(settings, threading.Event(), CalculatorMetrics(), DataflowHealth())
-    part = source.build_part("mutations", f"{ADJUSTMENT}:{PARTITION}", resume)
+    restored = {PARTITION: PartitionState({}, {ADJUSTMENT: resume})}
+    generation = Generation((PARTITION,), restored, threading.Event(), 1)
+    source = MutationSource(settings, generation, CalculatorMetrics(), DataflowHealth())
+    part = source.build_part("mutations", f"{ADJUSTMENT}:{PARTITION}", None)
     try:
         for _ in range(10):  # nothing to read yet, and no jump to another offset
             assert [m for _, b in part.next_batch() for m in b.mutations] == []
