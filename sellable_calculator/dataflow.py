@@ -498,11 +498,12 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
             if offset >= self._changelog_ends.get(partition, 0):
                 self._changelog_ends[partition] = offset + 1
 
-    def _fenced(self) -> bool:
+    def _fenced(self, publishing: bool) -> bool:
         """Whether this batch must be dropped: the group took the partitions away while
         this process was not looking (frozen, starved), or is taking them back now.
 
-        Asked once per third of the session timeout, and always after a longer pause: a
+        Asked before publishing (a batch that changed nothing only moves positions on),
+        once per third of the session timeout, and always after a longer pause: a
         process that was frozen for longer than the session timeout finds out here,
         before it publishes what it computed from state that is no longer current. A
         dropped batch is neither published nor stored: whoever runs the partition next
@@ -514,14 +515,18 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
             # it, so publishing it would publish positions past mutations nobody stored.
             return True
         now = time.monotonic()
-        if now - self._confirmed_at < self._fence_interval:
+        if not publishing or now - self._confirmed_at < self._fence_interval:
             return False
         answer = run.still_member(run.stop)
+        while answer is None and not run.stop.is_set():
+            # No verdict (a silent broker): publishing would wait for it just the same.
+            log.warning("the group has not confirmed this instance's assignment yet")
+            answer = run.still_member(run.stop)
         if answer:
             self._confirmed_at = time.monotonic()
             return False
         self._dropping = True
-        if answer is None and run.stop.is_set():
+        if answer is None:
             return True  # revoked meanwhile: the group waits for this dataflow to stop
         log.warning(
             "the group no longer gives this instance partitions %s: dropping the batch in "
@@ -533,7 +538,10 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         return True
 
     def write_batch(self, items: list[tuple[str, PartitionUpdate]]) -> None:
-        if self._fenced():
+        if any(update.changes for _, update in items):
+            if self._fenced(publishing=True):
+                return
+        elif self._fenced(publishing=False):
             return
         serialize, generation = self._serde.serialize, self._generation
         records: list[tuple[str, int, bytes, bytes]] = []

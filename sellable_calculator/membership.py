@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from sellable_calculator.settings import CalculatorSettings
 from service_runtime.retry import Backoff, RetryStopped, retrying
@@ -118,13 +118,23 @@ class Assignments:
             self._cond.notify_all()
 
 
+_DROPPED = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION})
+"""Commit errors that mean the group no longer counts this member."""
+
+
+def _answer(questions: list[_Question], answer: bool | None) -> None:
+    for question in questions:
+        question.answer = answer
+        question.answered.set()
+
+
 @dataclass
 class _Question:
     """Does the group still count this member? Asked by a sink, answered by the
     membership thread."""
 
     answered: threading.Event = field(default_factory=threading.Event)
-    answer: bool = False
+    answer: bool | None = None
 
 
 class GroupMembership:
@@ -148,6 +158,11 @@ class GroupMembership:
         self._stop = threading.Event()
         self._in_group = False
         self._questions: queue.SimpleQueue[_Question] = queue.SimpleQueue()
+        self._waiting: list[_Question] = []
+        """Questions not sent yet (membership thread only)."""
+        self._asked: list[_Question] = []
+        """Questions whose commit is on its way (membership thread only)."""
+        self._asked_at = 0.0
         self._assigned: tuple[int, ...] = ()
         self._thread = threading.Thread(target=self._run, name="group-membership", daemon=True)
 
@@ -158,14 +173,16 @@ class GroupMembership:
 
     def still_member(self, stop: threading.Event, timeout: float = 5.0) -> bool | None:
         """Whether the group coordinator says this instance still holds its assignment:
-        True, False, or None when no answer came before ``stop`` was set or ``timeout``.
+        True, False, or None when no answer came (a silent broker, a rebalance under way)
+        within ``timeout`` or before ``stop`` was set.
 
-        The membership thread asks, with a synchronous offset commit: it carries the
-        member id and the group generation, and the coordinator refuses it from a member
-        it has dropped (Kafka's own fencing of a consumer that was silent too long; Tansu
-        answers UNKNOWN_MEMBER_ID). The offsets committed are never read: the group is
-        used for membership only. Only the membership thread may commit: librdkafka
-        serves a synchronous commit from another thread only once that thread polls.
+        The membership thread asks with an offset commit: it carries the member id and
+        the group generation, and the coordinator refuses it from a member it has dropped
+        (Kafka's own fencing of a consumer that was silent too long; Tansu answers
+        UNKNOWN_MEMBER_ID). The offsets committed are never read: the group is used for
+        membership only. Only the membership thread commits, asynchronously, and hears
+        the answer in its poll: a synchronous commit has no timeout, and librdkafka
+        answers one made on another thread only when this one polls.
         """
         question = _Question()
         self._questions.put(question)
@@ -175,27 +192,46 @@ class GroupMembership:
                 return None
         return question.answer
 
-    def _answer_questions(self, consumer: Consumer) -> None:
+    def _ask_the_group(self, consumer: Consumer) -> None:
+        """Send one commit for every question waiting, unless one is on its way."""
+        if self._asked and time.monotonic() - self._asked_at > 10:
+            _answer(self._asked, None)  # never wait for ever on an answer that got lost
+            self._asked = []
         while True:
             try:
-                question = self._questions.get_nowait()
+                self._waiting.append(self._questions.get_nowait())
             except queue.Empty:
-                return
-            question.answer = self._in_group and self._commit_accepted(consumer)
-            question.answered.set()
-
-    def _commit_accepted(self, consumer: Consumer) -> bool:
+                break
+        if not self._waiting or self._asked:
+            return
+        questions, self._waiting = self._waiting, []
+        if not self._in_group:
+            _answer(questions, None)  # between a revoke and the next assignment
+            return
         if not self._assigned:
-            return True
+            _answer(questions, True)
+            return
+        self._asked = questions
+        self._asked_at = time.monotonic()
         try:
             consumer.commit(
                 offsets=[TopicPartition(MEMBERSHIP_TOPIC, p, 0) for p in self._assigned],
-                asynchronous=False,
+                asynchronous=True,
             )
         except KafkaException as exc:
-            log.warning("the group refused this member's commit: %s", exc)
-            return False
-        return True
+            self._on_commit(exc.args[0], [])
+
+    def _on_commit(self, error: KafkaError | None, _partitions: object) -> None:
+        """librdkafka's answer to the commit (in the membership thread's poll)."""
+        if error is None:
+            answer: bool | None = True
+        elif error.code() in _DROPPED:
+            log.warning("the group refused this member's commit: %s", error)
+            answer = False
+        else:
+            answer = None  # no verdict (a rebalance under way, a timeout): ask again
+        _answer(self._asked, answer)
+        self._asked = []
 
     def start(self) -> None:
         """Join the group."""
@@ -221,6 +257,7 @@ class GroupMembership:
                 "max.poll.interval.ms": max(6000, 2 * session_ms),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "latest",
+                "on_commit": self._on_commit,
             }
         )
 
@@ -282,7 +319,7 @@ class GroupMembership:
         try:
             while not self._stop.is_set():
                 message = consumer.poll(0.05)
-                self._answer_questions(consumer)
+                self._ask_the_group(consumer)
                 error = None if message is None else message.error()
                 if error is not None:
                     if error.fatal():

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ from sellable_calculator.store import SellableStore
 from sellable_calculator.tests.support import PARTITIONS, Calculator, lone_calculator
 from shared_schemas.topics import CALCULATOR_INSTANCES, ensure_topics
 
-GHOST = InstanceInfo("ghost", "http://127.0.0.1:1", (), PARTITIONS, 0.0)
+GHOST = InstanceInfo(
+    "ghost",
+    "http://127.0.0.1:1",
+    (),
+    PARTITIONS,
+    0.0,
+    group=CalculatorSettings().calculator_group_id,
+)
 """An advertisement that owns nothing, so it changes no routing."""
 
 
@@ -70,7 +78,7 @@ class _QuickFollower(RoutingFollower):
 
 
 def _settings() -> CalculatorSettings:
-    return CalculatorSettings(topic_partitions=PARTITIONS, calculator_instance_count=1)
+    return CalculatorSettings(topic_partitions=PARTITIONS)
 
 
 def test_a_failed_consumer_is_replaced_and_the_table_kept_current() -> None:
@@ -154,20 +162,23 @@ def test_a_bad_routing_record_does_not_stop_the_follower(tmp_path: Path) -> None
         calculator.start()
         try:
             wait_until(lambda: _ready(calculator).status_code == 200, timeout=30)
-            bad: dict[str, Any] = {**json.loads(GHOST.to_json()), "instance_id": "bad"}
+            group = calculator.env["CALCULATOR_GROUP_ID"]
+            # A claim newer than any assignment: once read, the ghost owns partition 0.
+            ghost = replace(GHOST, group=group, partitions=(0,), generation=2**62)
+            bad: dict[str, Any] = {**json.loads(ghost.to_json()), "instance_id": "bad"}
             producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
             producer.produce(
                 CALCULATOR_INSTANCES.name,
                 json.dumps(bad).replace("[]", "[1e400]").encode(),
                 b"bad",
             )
-            producer.produce(CALCULATOR_INSTANCES.name, GHOST.to_json(), b"ghost")
+            producer.produce(CALCULATOR_INSTANCES.name, ghost.to_json(), b"ghost")
             assert producer.flush(10) == 0
             del producer  # not left retrying against the broker once it has stopped
 
             def ghost_known() -> bool:
-                instances = calculator.get("/metadata").json()["instances"]
-                return "ghost" in [i["instanceId"] for i in instances]
+                owners = calculator.get("/metadata").json()["partitions"]
+                return bool(owners[0]["owner"] == "ghost")
 
             assert wait_until(ghost_known, timeout=10)
             assert _ready(calculator).status_code == 200
@@ -204,6 +215,6 @@ def test_the_process_exits_1_when_the_follower_cannot_recover(tmp_path: Path) ->
             assert process.wait(30) == 1, process.log_tail()
             log = process.log_path.read_text()
             assert "giving up" in log, log
-            assert "routing table can no longer be kept current" in log, log
+            assert "the routing follower failed for good" in log, log
         finally:
             process.stop()
