@@ -55,7 +55,7 @@ from service_runtime.server import (
     tune_gc_for_serving,
 )
 from shared_schemas.partitioner import partition_for
-from shared_schemas.topics import TopicAdminError, TopicMismatchError
+from shared_schemas.topics import SELLABLE_CHANGELOG, TopicAdminError, TopicMismatchError
 
 log = logging.getLogger("sellable_calculator")
 
@@ -68,16 +68,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _end_offsets(
-    settings: CalculatorSettings, partitions: tuple[int, ...]
+    settings: CalculatorSettings,
+    partitions: tuple[int, ...],
+    topics: tuple[str, ...] = INPUT_TOPICS,
 ) -> dict[tuple[str, int], int]:
-    """High watermarks of the assigned input partitions: what 'caught up' means."""
+    """High watermarks of ``partitions`` of ``topics`` (by default the inputs: what
+    'caught up' means)."""
     consumer = Consumer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": "unused"}
     )
     try:
         return {
             (topic, p): consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for topic in INPUT_TOPICS
+            for topic in topics
             for p in partitions
         }
     finally:
@@ -122,39 +125,70 @@ def _missing_records(
     return missing
 
 
-def _warn_if_state_is_from_other_topics(
+def _stored_positions(
+    store: SellableStore, partitions: tuple[int, ...]
+) -> dict[tuple[str, int], int]:
+    """Every position the store claims for ``partitions``: next input offsets and next
+    changelog offsets."""
+    positions = {tp: o for tp, o in store.positions().items() if tp[1] in partitions}
+    for partition in partitions:
+        changelog = store.changelog_position(partition)
+        if changelog:
+            positions[(SELLABLE_CHANGELOG.name, partition)] = changelog
+    return positions
+
+
+def _records_missing(
     settings: CalculatorSettings,
-    store: SellableStore,
+    positions: dict[tuple[str, int], int],
     end_offsets: dict[tuple[str, int], int],
-) -> None:
-    """Warn when the store applied records the broker does not have (a reset broker).
+) -> dict[str, int]:
+    """``{"topic:partition": offset}`` of records the store applied that the broker does
+    not have (a reset broker, recreated topics).
 
     The embedded broker reports end offsets a few records behind what consumers already
     read, so an end offset below the store's position means nothing by itself: only a
     record that is really missing does.
     """
     ahead = {
-        (topic, partition): applied
-        for (topic, partition), applied in store.positions().items()
-        if (topic, partition) in end_offsets and applied > end_offsets[(topic, partition)]
+        tp: applied
+        for tp, applied in positions.items()
+        if tp in end_offsets and applied > end_offsets[tp]
     }
     if not ahead:
-        return
+        return {}
     missing = _missing_records(settings, ahead)
     if not missing:
         log.info(
             "the broker's end offsets lag the store's positions %s, but it has those records",
             {f"{t}:{p}": (o, end_offsets[(t, p)]) for (t, p), o in ahead.items()},
         )
+    return missing
+
+
+def _discard_state_from_other_topics(
+    runtime: CalculatorRuntime, partitions: tuple[int, ...]
+) -> None:
+    """Delete the local state of ``partitions`` if it was built from records the broker
+    does not have: then it belongs to topics that are gone, and the partitions are
+    restored from what the topics hold now (the changelog, or the inputs from the start)."""
+    settings, store = runtime.settings, runtime.store
+    positions = _stored_positions(store, partitions)
+    topics = (*INPUT_TOPICS, SELLABLE_CHANGELOG.name)
+    missing = _records_missing(settings, positions, _end_offsets(settings, partitions, topics))
+    if not missing:
         return
+    stale = tuple(sorted({int(tp.rpartition(":")[2]) for tp in missing}))
+    partition_count = settings.topic_partitions
+    keys = store.forget(stale, lambda key: partition_for(key, partition_count))
     log.warning(
-        "the state in %s was built from records the broker does not have "
-        "(partition: offset already applied %s). Was the broker reset or were the topics "
-        "recreated? Those partitions stay not ready until the topics reach that offset. "
-        "If the topics really are new, stop every calculator, delete their state "
-        "directories (CALCULATOR_STATE_DIR) and start again.",
-        settings.instance_dir,
+        "the local state of partitions %s was built from records the broker does not have "
+        "(partition: offset already applied %s): the broker was reset or the topics were "
+        "recreated. Deleted it (%d key(s)); those partitions are restored from what the "
+        "topics hold now.",
+        list(stale),
         missing,
+        keys,
     )
 
 
@@ -396,6 +430,7 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     metrics.assigned_partitions.labels("restoring").set(len(restoring))
     metrics.assigned_partitions.labels("active").set(len(kept))
     runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
+    _discard_state_from_other_topics(runtime, partitions)
     partition_count = settings.topic_partitions
     states = restore(
         settings,
@@ -412,9 +447,7 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     for partition, state in states.items():
         for kind, offset in state.applied.items():
             runtime.progress.advance(INPUT_TOPICS[kind], partition, offset)
-    end_offsets = _end_offsets(settings, partitions)
-    runtime.end_offsets_at_start = end_offsets
-    _warn_if_state_is_from_other_topics(settings, runtime.store, end_offsets)
+    runtime.end_offsets_at_start = _end_offsets(settings, partitions)
     runtime.owned = frozenset(partitions)
     routing.set_me(routing.me.assigned(partitions, (), generation))
     _advertise(settings, routing.me)

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
-from local_stack.process import ManagedProcess, free_port
+from local_stack.process import free_port
 from local_stack.testing import inventory_path, odd_ids, wait_until
-from sellable_calculator.__main__ import _warn_if_state_is_from_other_topics
+from sellable_calculator.__main__ import _records_missing
 from sellable_calculator.settings import CalculatorSettings
-from sellable_calculator.store import SellableStore
+from sellable_calculator.store import KeyState, SellableStore
 from sellable_calculator.tests.support import (
     PARTITIONS,
     Calculator,
     Mutations,
+    lone_calculator,
     sku_owned_by,
     unique_location,
+    wait_for_assignment,
 )
 from shared_schemas import encode_key, partition_for
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
@@ -35,7 +34,7 @@ def test_original_scenario_same_answer_from_both_instances(
 ) -> None:
     location = unique_location("STL")
     for owner in (0, 1):
-        sku = sku_owned_by(owner, location)
+        sku = sku_owned_by(calculators[owner], location)
         mutations.adjust(location, sku, 100)
         mutations.reserve(location, sku, 10)
         for calculator in calculators:
@@ -57,8 +56,9 @@ def test_keys_with_spaces_and_non_ascii_are_forwarded_intact(
 ) -> None:
     location = unique_location("Zürich City")
     for owner in (0, 1):
-        sku = f"x y%z-{sku_owned_by(owner, location)}"
-        while partition_for(encode_key(location, sku), PARTITIONS) % 2 != owner:
+        sku = f"x y%z-{sku_owned_by(calculators[owner], location)}"
+        owned = calculators[owner].partitions()
+        while partition_for(encode_key(location, sku), PARTITIONS) not in owned:
             sku += "+"
         mutations.adjust(location, sku, 3)
         for calculator in calculators:
@@ -79,7 +79,10 @@ def test_odd_keys_read_back_one_at_a_time_and_by_location_on_both_instances(
     expected: dict[str, dict[str, int]] = {}
     for n, location in enumerate(ids):
         # Every location has skus on both instances, so every listing is a real fan-out.
-        skus = {sku_owned_by(0, location): n + 1, sku_owned_by(1, location): n + 100}
+        skus = {
+            sku_owned_by(calculators[0], location): n + 1,
+            sku_owned_by(calculators[1], location): n + 100,
+        }
         for sku, count in skus.items():
             mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, count)
         expected[location] = skus
@@ -142,7 +145,7 @@ def test_unknown_key_is_404_json_on_both(calculators: list[Calculator]) -> None:
     location = unique_location()
     for calculator in calculators:
         for owner in (0, 1):
-            response = calculator.sellable(location, sku_owned_by(owner, location))
+            response = calculator.sellable(location, sku_owned_by(calculators[owner], location))
             assert response.status_code == 404
             assert response.json()["error"] == "not_found"
 
@@ -208,7 +211,7 @@ def test_read_your_writes_returns_the_value_including_the_position(
 ) -> None:
     location = unique_location("RYW")
     for owner in (0, 1):
-        sku = sku_owned_by(owner, location)
+        sku = sku_owned_by(calculators[owner], location)
         adjusted = mutations.adjust(location, sku, 50)
         for step in range(1, 6):
             reserved = mutations.reserve(location, sku, 1)
@@ -230,7 +233,7 @@ def test_read_your_writes_rejects_bad_positions_and_times_out(
     calculators: list[Calculator], mutations: Mutations
 ) -> None:
     location = unique_location()
-    sku = sku_owned_by(0, location)
+    sku = sku_owned_by(calculators[0], location)
     position = mutations.adjust(location, sku, 1)
     calculator = calculators[0]
     assert calculator.sellable(location, sku, position="nonsense").status_code == 422
@@ -265,7 +268,7 @@ def test_read_your_writes_rejects_bad_positions_and_times_out(
 def test_metadata_names_the_owner_of_a_key(calculators: list[Calculator]) -> None:
     location = unique_location()
     for owner in (0, 1):
-        sku = sku_owned_by(owner, location)
+        sku = sku_owned_by(calculators[owner], location)
         for calculator in calculators:
             body = calculator.get(f"/metadata/locations/{location}/skus/{sku}").json()
             assert body["partition"] == partition_for(encode_key(location, sku), PARTITIONS)
@@ -303,8 +306,9 @@ def test_count_is_the_keys_written_per_owning_instance(
     location = unique_location("COUNT")
     new_keys = (3, 5)  # per owning instance
     skus_of: list[list[str]] = [[], []]
+    first = calculators[0].partitions()
     for n in range(1_000):
-        owner = partition_for(encode_key(location, str(n)), PARTITIONS) % 2
+        owner = 0 if partition_for(encode_key(location, str(n)), PARTITIONS) in first else 1
         if len(skus_of[owner]) < new_keys[owner]:
             skus_of[owner].append(str(n))
     new = skus_of[0] + skus_of[1]
@@ -341,7 +345,7 @@ def test_bad_records_are_skipped_and_counted(
     calculators: list[Calculator], mutations: Mutations
 ) -> None:
     location = unique_location("BAD")
-    sku = sku_owned_by(1, location)
+    sku = sku_owned_by(calculators[1], location)
     key = encode_key(location, sku)
     partition = partition_for(key, PARTITIONS)
     calculator = calculators[1]
@@ -350,7 +354,8 @@ def test_bad_records_are_skipped_and_counted(
     mutations.raw(topic, key, b"not avro at all", partition)  # bad value
     mutations.raw(topic, b"\xff\xfe", b"x", partition)  # bad key
     mutations.raw(topic, key, None, partition)  # tombstone on an event log
-    misplaced = (partition + 2) % PARTITIONS  # still owned by instance 1, wrong for the key
+    # Another partition instance 1 owns: wrong for the key.
+    misplaced = next(p for p in calculator.partitions() if p != partition)
     mutations.raw(topic, key, b"\xc3\x01", misplaced)
     mutations.adjust(location, sku, 42)  # the flow goes on behind them
     wait_until(lambda: calculator.count_of(location, sku) == 42)
@@ -363,7 +368,7 @@ def test_owner_down_answers_503_quickly_and_own_keys_still_200(
     calculators: list[Calculator], mutations: Mutations
 ) -> None:
     location = unique_location("DOWN")
-    mine, theirs = sku_owned_by(0, location), sku_owned_by(1, location)
+    mine, theirs = sku_owned_by(calculators[0], location), sku_owned_by(calculators[1], location)
     mutations.adjust(location, mine, 5)
     mutations.adjust(location, theirs, 6)
     wait_until(lambda: calculators[0].count_of(location, theirs) == 6)
@@ -381,7 +386,8 @@ def test_owner_down_answers_503_quickly_and_own_keys_still_200(
         assert calculators[0].get(f"/inventory/locations/{location}/skus").status_code == 503
     finally:
         calculators[1].start()
-    wait_until(lambda: calculators[0].count_of(location, theirs) == 6)
+    wait_for_assignment(calculators)
+    assert calculators[0].count_of(location, theirs) == 6
 
 
 def test_kill_9_mid_stream_and_restart_gives_exact_values(
@@ -389,7 +395,7 @@ def test_kill_9_mid_stream_and_restart_gives_exact_values(
 ) -> None:
     victim = calculators[0]
     location = unique_location("KILL")
-    skus = [sku_owned_by(0, location, start=100 * i) for i in range(10)]
+    skus = [sku_owned_by(calculators[0], location, start=100 * i) for i in range(10)]
     expected = dict.fromkeys(skus, 0)
     for sku in skus:
         mutations.send(INVENTORY_ADJUSTMENTS.name, location, sku, 10_000)
@@ -409,6 +415,7 @@ def test_kill_9_mid_stream_and_restart_gives_exact_values(
             victim.process.kill()
     mutations.flush()
     victim.start()
+    wait_for_assignment(calculators)
     for calculator in calculators:
         wait_until(
             lambda c=calculator: all(c.count_of(location, s) == expected[s] for s in skus),
@@ -416,67 +423,60 @@ def test_kill_9_mid_stream_and_restart_gives_exact_values(
         )
 
 
-def test_state_ahead_of_the_topics_is_reported(
+def test_state_ahead_of_the_topics_is_discarded_and_rebuilt(
     kafka_bootstrap: str, mutations: Mutations, tmp_path: Path
 ) -> None:
-    """A store that applied far more than the topics hold (a reset broker) is called out."""
-    instance_id = f"stale-{uuid.uuid4().hex[:6]}"
-    store = SellableStore(tmp_path / instance_id / "store")
-    store.apply({}, {(INVENTORY_ADJUSTMENTS.name, 0): 10**9})
-    store.close()
-    port = free_port()
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "TOPIC_PARTITIONS": str(PARTITIONS),
-        "CALCULATOR_PORT": str(port),
-        "CALCULATOR_INSTANCE_ID": instance_id,
-        "CALCULATOR_STATE_DIR": str(tmp_path),
-    }
-    process = ManagedProcess(
-        instance_id, [sys.executable, "-m", "sellable_calculator"], env=env, log_dir=tmp_path
+    """A store that applied far more than the topics hold (a reset broker, recreated
+    topics) belongs to topics that are gone: it is deleted and the partition rebuilt from
+    what the topics hold now, and the instance serves the true values."""
+    location = unique_location("STALE")
+    sku = "1"
+    key = encode_key(location, sku)
+    partition = partition_for(key, PARTITIONS)
+    mutations.adjust(location, sku, 7)
+    instance = lone_calculator(kafka_bootstrap, tmp_path, "stale")
+    store = SellableStore(tmp_path / instance.instance_id / "store")
+    store.apply(
+        {key: KeyState(10**6, 0, True, 0, 10**9, 10**9)},
+        {(INVENTORY_ADJUSTMENTS.name, partition): 10**9},
+        {partition: 10**9},
     )
-    with process:
-        process.start()
-        process.wait_ready(lambda: "the broker does not have" in process.log_tail(40), timeout=60)
-        assert "'inventory_adjustments:0': 999999999" in process.log_tail(40)
-        # Partition 0 holds back until the topic reaches the store: not ready meanwhile.
-        ready = wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready").json())
-        assert ready["status"] == "not_ready"
-        wait_until(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/health/ready").json()["replaying"] == [0]
-        )
+    store.close()
+    instance.start()
+    try:
+        assert instance.process is not None
+        wait_until(lambda: "the broker does not have" in instance.process.log_tail(60), timeout=60)
+        assert f"'inventory_adjustments:{partition}': 999999999" in instance.process.log_tail(60)
+        wait_until(lambda: instance.count_of(location, sku) == 7, timeout=60)
+        wait_until(instance.ready)
+    finally:
+        if instance.process is not None:
+            instance.process.stop()
 
 
-def test_end_offsets_that_lag_behind_records_the_broker_has_are_no_reason_to_warn(
-    kafka_bootstrap: str, mutations: Mutations, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_end_offsets_that_lag_behind_records_the_broker_has_are_no_reason_to_discard(
+    kafka_bootstrap: str, mutations: Mutations, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The embedded broker's end offsets lag: a store 'ahead' of them is checked, not feared."""
     location = unique_location("LAG")
-    sku = sku_owned_by(0, location)
-    position = mutations.adjust(location, sku, 1)
+    position = mutations.adjust(location, "1", 1)
     settings = CalculatorSettings(
         kafka_bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS
     )
-    store = SellableStore(tmp_path / "store")
-    store.apply({}, {(position.topic, position.partition): position.offset + 1})
-    lagging = {(position.topic, position.partition): position.offset - 2}
+    where = (position.topic, position.partition)
+    lagging = {where: position.offset - 2}
     with caplog.at_level(logging.INFO, logger="sellable_calculator"):
-        _warn_if_state_is_from_other_topics(settings, store, lagging)
+        assert _records_missing(settings, {where: position.offset + 1}, lagging) == {}
     assert "lag the store's positions" in caplog.text
-    assert "does not have" not in caplog.text
-    store.apply({}, {(position.topic, position.partition): position.offset + 50})
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sellable_calculator"):
-        _warn_if_state_is_from_other_topics(settings, store, lagging)
-    assert "the broker does not have" in caplog.text
-    store.close()
+    missing = _records_missing(settings, {where: position.offset + 50}, lagging)
+    assert missing == {f"{position.topic}:{position.partition}": position.offset + 49}
 
 
 def test_an_instance_that_stops_cleanly_leaves_the_routing_table(
     calculators: list[Calculator], tmp_path: Path
 ) -> None:
-    """SIGTERM: the instance deletes its record, so nobody routes or fans out to it."""
+    """A third instance joins (the group gives it partitions); SIGTERM: it hands them
+    back and deletes its record, so nobody routes or fans out to it."""
     env = {
         **calculators[0].env,
         "CALCULATOR_PORT": str(free_port()),
@@ -489,10 +489,12 @@ def test_an_instance_that_stops_cleanly_leaves_the_routing_table(
     def listed() -> set[str]:
         return {i["instanceId"] for i in calculators[1].get("/metadata").json()["instances"]}
 
-    wait_until(lambda: env["CALCULATOR_INSTANCE_ID"] in listed())
+    wait_for_assignment([*calculators, leaving])
+    assert env["CALCULATOR_INSTANCE_ID"] in listed()
+    assert leaving.partitions()
     assert leaving.process is not None
     assert leaving.process.stop() == 0
-    wait_until(lambda: env["CALCULATOR_INSTANCE_ID"] not in listed())
-    # The partitions it took over are back with their former owner.
+    wait_for_assignment(calculators)
+    # The partitions it took over are back with the others.
     assert listed() == {c.env["CALCULATOR_INSTANCE_ID"] for c in calculators}
     assert calculators[1].get("/metadata").json()["unownedPartitions"] == []
