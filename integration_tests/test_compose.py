@@ -2,12 +2,16 @@
 
 No Docker engine runs where the tests run, so this checks what can be checked: both
 files parse, every container has a health check and waits for healthy dependencies,
-every environment variable a service gets is one its settings class reads, and ports
-and URLs agree with the defaults the code and the README use.
+every environment variable a service gets is one its settings class reads, ports and
+URLs agree with the defaults the code and the README use, and the calculators are one
+service that scales: replicas that differ only in their container, each with state of
+its own, in a group the broker accepts.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +64,7 @@ def test_both_files_parse_and_the_dev_file_has_only_infrastructure() -> None:
         "schema-registry",
         "cassandra",
         "inventory-mutator",
-        "sellable-calculator-0",
-        "sellable-calculator-1",
+        "sellable-calculator",
         "sellable-service",
     }
 
@@ -85,7 +88,7 @@ def test_volumes_are_declared() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["inventory-mutator", "sellable-calculator-0", "sellable-calculator-1", "sellable-service"],
+    ["inventory-mutator", "sellable-calculator", "sellable-service"],
 )
 def test_environment_is_read_by_the_services_settings(name: str) -> None:
     spec = _resolved_services()[name]
@@ -95,30 +98,104 @@ def test_environment_is_read_by_the_services_settings(name: str) -> None:
     assert unknown == [], f"{name} sets variables its settings never read: {unknown}"
 
 
+def _published(spec: dict[str, Any]) -> tuple[range, int]:
+    """The host ports (a range, or one port) and the container port of ``spec``'s first
+    published port."""
+    host, container = spec["ports"][0].split(":")
+    first, _, last = host.partition("-")
+    return range(int(first), int(last or first) + 1), int(container)
+
+
 def test_ports_and_urls_agree_with_the_defaults() -> None:
     services = _resolved_services()
 
     def published(name: str) -> int:
-        host, container = services[name]["ports"][0].split(":")
-        assert host == container
-        return int(host)
+        hosts, container = _published(services[name])
+        assert list(hosts) == [container]
+        return container
 
     assert published("inventory-mutator") == MutatorSettings().mutator_port == 9091
-    calculator_default = CalculatorSettings().calculator_port
-    for index in (0, 1):
-        name = f"sellable-calculator-{index}"
-        env = services[name]["environment"]
-        port = published(name)
-        assert port == calculator_default + index == int(env["CALCULATOR_PORT"])
-        assert env["CALCULATOR_ADVERTISED_URL"] == f"http://{name}:{port}"
-        assert env["CALCULATOR_INSTANCE_INDEX"] == str(index)
-        assert f"localhost:{port}/" in " ".join(services[name]["healthcheck"]["test"])
     assert published("sellable-service") == 9093
     assert published("kafka") == 9092
     assert published("cassandra") == 9042
-    for name in ("inventory-mutator", "sellable-calculator-0", "sellable-service"):
+    for name in ("inventory-mutator", "sellable-calculator", "sellable-service"):
         env = services[name]["environment"]
         assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:19092"
         assert env["SCHEMA_REGISTRY_URL"] == "http://schema-registry:8081"
     kafka_env = services["kafka"]["environment"]
     assert "PLAINTEXT://kafka:19092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+
+
+def test_calculator_replicas_publish_the_default_port_and_a_host_port_each() -> None:
+    calculator = _resolved_services()["sellable-calculator"]
+    env = calculator["environment"]
+    hosts, container = _published(calculator)
+    default = CalculatorSettings().calculator_port
+    assert container == int(env["CALCULATOR_PORT"]) == default == 9094
+    # The tour's ports (9094, 9095) are in the range, with room for more replicas.
+    assert hosts.start == default and len(hosts) > calculator["deploy"]["replicas"] >= 2
+    assert f"localhost:{container}/health/ready" in " ".join(calculator["healthcheck"]["test"])
+
+
+def test_calculator_replicas_differ_only_in_their_container(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing in the service names one replica: the instance id, the advertised URL and
+    the state directory all come from the container's host name, which other containers
+    on the compose network resolve."""
+    calculator = _resolved_services()["sellable-calculator"]
+    env = calculator["environment"]
+    assert "container_name" not in calculator and "hostname" not in calculator
+    assert "CALCULATOR_INSTANCE_ID" not in env and "CALCULATOR_ADVERTISED_URL" not in env
+    assert env["CALCULATOR_HOST"] == "0.0.0.0"
+    for key in list(os.environ):
+        if key.startswith(("CALCULATOR_", "KAFKA_", "SCHEMA_", "TOPIC_")):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    monkeypatch.setattr(socket, "gethostname", lambda: "3f2a9c1b7d4e")
+    settings = CalculatorSettings()
+    assert settings.advertised_url == "http://3f2a9c1b7d4e:9094"
+    assert settings.instance_id == "calculator-3f2a9c1b7d4e-9094"
+    assert settings.instance_dir == Path(env["CALCULATOR_STATE_DIR"]) / settings.instance_id
+
+
+def test_calculator_replicas_keep_state_in_their_own_container_and_restart() -> None:
+    """No volume: one shared by the replicas would share state directories, and a replica
+    on an empty disk restores from the changelog topic anyway."""
+    calculator = _resolved_services()["sellable-calculator"]
+    assert not calculator.get("volumes"), "calculator replicas must not share a volume"
+    assert Path(calculator["environment"]["CALCULATOR_STATE_DIR"]).is_absolute()
+    assert calculator["restart"] in ("always", "unless-stopped", "on-failure")
+
+
+def test_nothing_refers_to_a_calculator_by_instance() -> None:
+    """The per-instance services (sellable-calculator-0, -1) are gone: no URL, dependency
+    or variable may name one, nor any variable the calculators no longer read."""
+    for name in ("docker-compose.yml", "docker-compose-dev.yml"):
+        text = (ROOT / name).read_text()
+        for gone in (
+            "sellable-calculator-",
+            "CALCULATOR_INSTANCE_INDEX",
+            "CALCULATOR_INSTANCE_COUNT",
+            "CALCULATOR_PARTITIONS",
+            "CALCULATOR_EPOCH_SECONDS",
+        ):
+            assert gone not in text, f"{name} still mentions {gone}"
+
+
+def test_the_broker_accepts_the_calculators_session_timeout() -> None:
+    """Kafka refuses a group member whose session timeout is below
+    group.min.session.timeout.ms (6 s unless set): the calculators' would never join."""
+    services = _resolved_services()
+    broker_minimum_ms = int(
+        services["kafka"]["environment"].get("KAFKA_GROUP_MIN_SESSION_TIMEOUT_MS", 6000)
+    )
+    env = services["sellable-calculator"]["environment"]
+    session = float(
+        env.get(
+            "CALCULATOR_SESSION_TIMEOUT_SECONDS",
+            CalculatorSettings.model_fields["calculator_session_timeout_seconds"].default,
+        )
+    )
+    assert broker_minimum_ms <= session * 1000
