@@ -16,7 +16,8 @@ COPY sellable_service ./sellable_service
 # in compose, Kafka and Cassandra are real servers of their own.
 RUN find . -type d -name tests -prune -exec rm -rf {} + && pip install .
 
-# Calculator state (RocksDB store and Bytewax recovery) lives on a volume.
+# Calculator state (its RocksDB store) lives in the container: a new container restores
+# its partitions from the changelog topic.
 ENV CALCULATOR_STATE_DIR=/var/lib/sellable-calculator
 RUN useradd --create-home --uid 10001 app \
     && mkdir -p /var/lib/sellable-calculator && chown app /var/lib/sellable-calculator

@@ -42,11 +42,18 @@ from shared_schemas.topics import INVENTORY_ADJUSTMENTS, ensure_topics
 PARTITIONS = 6
 
 
-def _sku_owned_by(index: int) -> str:
+def _owned_partitions(url: str) -> set[int]:
+    """The partitions the instance at ``url`` serves, by its own routing table."""
+    metadata = httpx.get(url + "/metadata").json()
+    me = next(i for i in metadata["instances"] if i["self"])
+    return set(me["partitions"]) - set(me["restoring"])
+
+
+def _sku_in(partitions: set[int]) -> str:
     return next(
         str(n)
         for n in range(1_000)
-        if partition_for(encode_key("STL", str(n)), PARTITIONS) % 2 == index
+        if partition_for(encode_key("STL", str(n)), PARTITIONS) in partitions
     )
 
 
@@ -62,22 +69,29 @@ def main() -> None:
         urls = []
         for index in range(2):
             port = free_port()
-            process = infra.python_module(
+            infra.python_module(
                 stack,
                 f"calculator-{index}",
                 "sellable_calculator",
                 KAFKA_BOOTSTRAP_SERVERS=bootstrap,
                 TOPIC_PARTITIONS=str(PARTITIONS),
                 CALCULATOR_PORT=str(port),
-                CALCULATOR_INSTANCE_INDEX=str(index),
+                CALCULATOR_GROUP_ID=f"bench-{run}",
                 CALCULATOR_INSTANCE_ID=f"bench-{run}-{index}",
                 CALCULATOR_STATE_DIR=state,
             )
-            url = f"http://127.0.0.1:{port}"
-            process.wait_ready(lambda u=url: httpx.get(u + "/health/ready").status_code == 200, 60)
-            urls.append(url)
-
-        local_sku, remote_sku = _sku_owned_by(0), _sku_owned_by(1)
+            urls.append(f"http://127.0.0.1:{port}")
+        # Ready, and the group has split the partitions between the two.
+        deadline = time.monotonic() + 60
+        while not all(
+            httpx.get(u + "/health/ready").status_code == 200 and _owned_partitions(u)
+            for u in urls
+        ):
+            if time.monotonic() > deadline:
+                sys.exit("error: the calculators did not share the partitions within 60 s")
+            time.sleep(0.2)
+        local_sku = _sku_in(_owned_partitions(urls[0]))
+        remote_sku = _sku_in(_owned_partitions(urls[1]))
         producer = Producer({"bootstrap.servers": bootstrap})
         serde = value_serde(INVENTORY_MUTATION, INVENTORY_ADJUSTMENTS.name)
         for sku in (local_sku, remote_sku):

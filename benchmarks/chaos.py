@@ -8,14 +8,15 @@ Starts the system as ``make up`` does (on free ports, state in a temporary home)
 per trial, on a location of its own:
 
 1. adjusts every key by +100 through the mutator and waits until the victim answers 100
-   (its store has them, its last snapshot most likely not yet);
+   (its store and the changelog have them);
 2. starts a stream of writes on other keys of the location (+2 and -1 in turns) that
    runs until the victim is back, and kills one calculator with SIGKILL mid-stream
    (the instances take turns);
 3. while it is down, reserves 7 of every key and adjusts every other key by +1: the
    shapes that once left a restarted instance with wrong values for good;
 4. starts it again with the same command, environment and state directory (with
-   ``--fault freeze``: SIGSTOP instead of the kill, SIGCONT after 2-8 s);
+   ``--fault freeze``: SIGSTOP instead of the kill, SIGCONT after 2-8 s); meanwhile the
+   group may hand its partitions to the other instance and back;
 5. waits until every key reads its expected value on every reader and every part answers
    ``/health/ready`` with 200.
 
@@ -139,8 +140,7 @@ def trial(
     load = _Load(system, location, keys)
     for sku in [*expected, *load.expected]:  # every key exists before the kill
         _post(client, system, "adjustment", (location, sku), 100)
-    # The victim has them in its store, most likely not yet in a snapshot (one every
-    # CALCULATOR_EPOCH_SECONDS): the shape that once lost replayed writes.
+    # The victim has them in its store and its changelog before the fault.
     wait_until(lambda: not _wrong(client, [victim], location, expected), timeout=timeout)
     process = calculator_process(int(victim.rsplit(":", 1)[1]))
     with load:
@@ -195,16 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=120, help="seconds a trial may take to end exact"
     )
-    parser.add_argument(
-        "--epoch-seconds",
-        type=float,
-        default=30,
-        help="the calculators' snapshot interval (CALCULATOR_EPOCH_SECONDS; default 30: the "
-        "longer it is, the further a killed instance's store is ahead of its last snapshot, "
-        "and the more its restart replays)",
-    )
     args = parser.parse_args(argv)
-    os.environ["CALCULATOR_EPOCH_SECONDS"] = str(args.epoch_seconds)
     exact = wrong = 0
     restarted: list[ManagedProcess] = []
     # SIGTERM stops everything started here, as Ctrl-C does.
@@ -212,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as home, started_system(Path(home)) as system:
         logs = system.process.log_path.parent
         print(
-            f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys, "
-            f"snapshots every {args.epoch_seconds:g} s",
+            f"system up (logs in {logs}); {args.trials} trials of {args.keys} keys",
             flush=True,
         )
         try:

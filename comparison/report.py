@@ -138,9 +138,9 @@ EXPLANATION = """
 <h2>What the numbers mean</h2>
 <p><b>calculator-local</b> reads the stream processor's own RocksDB store: no extra
 datastore, and the value is there as soon as the dataflow applied the event, which is
-why its freshness is the best. The price is state: each instance must restore its store
-and Bytewax snapshots after a crash, and the data is only queryable through the
-instances.</p>
+why its freshness is the best. The price is state: when an instance dies or joins, its
+partitions move, and their new owner must restore them from the changelog topic before
+it answers for them; and the data is only queryable through the instances.</p>
 <p><b>calculator-forwarded</b> is the same store reached through another instance: the
 extra network hop (and the second process's work) is the cost of partitioned state when
 the client does not know which instance owns the key.</p>

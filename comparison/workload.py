@@ -130,23 +130,40 @@ class Workload:
         # Fresh key names per run (not from the seed): against a long-running system a
         # second run with the same seed must not find the first run's values.
         run = f"{self.options.seed}-{uuid.uuid4().hex[:6]}"
+        # Owners are matched by instance id, which each endpoint states itself: behind
+        # docker compose the advertised URLs (container host names) are not the ones the
+        # benchmark reaches the instances at.
+        instance_ids = [await self._instance_id(url) for url in self.endpoints.calculators]
         keys = []
         for i in range(self.options.keys):
             location = f"CMP-{run}-L{i % self.options.locations}"
             sku = f"sku-{i}"
-            url = f"{self.endpoints.calculators[0]}/metadata/locations/{location}/skus/{sku}"
-            async with self.session.get(url) as response:
-                owner_url = (await response.json())["owner"]["url"]
-            owner = self._calculator_index(owner_url)
-            keys.append(Key(location, sku, owner))
+            owner = await self._owner(location, sku)
+            if owner not in instance_ids:
+                raise RuntimeError(
+                    f"{owner} owns {location}/{sku} but is not one of the calculators given "
+                    f"({', '.join(instance_ids)}): give every instance's URL"
+                )
+            keys.append(Key(location, sku, instance_ids.index(owner)))
         return keys
 
-    def _calculator_index(self, advertised: str) -> int:
-        port = advertised.rstrip("/").rsplit(":", 1)[1]
-        for index, url in enumerate(self.endpoints.calculators):
-            if url.rstrip("/").endswith(f":{port}"):
-                return index
-        raise RuntimeError(f"owner {advertised} is not one of the calculators given")
+    async def _instance_id(self, base: str) -> str:
+        async with self.session.get(f"{base}/metadata") as response:
+            instances = (await response.json())["instances"]
+        return str(next(i["instanceId"] for i in instances if i["self"]))
+
+    async def _owner(self, location: str, sku: str) -> str:
+        """The instance id that owns the key, waiting (30 s at most) while it moves."""
+        url = f"{self.endpoints.calculators[0]}/metadata/locations/{location}/skus/{sku}"
+        deadline = time.monotonic() + 30
+        while True:
+            async with self.session.get(url) as response:
+                body = await response.json()
+            if body["owner"] is not None and body["state"] == "active":
+                return str(body["owner"]["instanceId"])
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no instance serves {location}/{sku} (partition moving)")
+            await asyncio.sleep(0.5)
 
     async def _post(self, kind: str, key: Key, count: int) -> float | None:
         """Write one mutation; return when the mutator answered 200 (monotonic), or None."""

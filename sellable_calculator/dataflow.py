@@ -588,8 +588,10 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         after a long pause) or a failed delivery means publishing the whole batch again,
         in order, with a new producer if the old one is dead: every record is an upsert
         of a key's latest value, so a duplicate is harmless and the newest value of each
-        key stays the last one. A stop request while the broker does not answer fails
-        the dataflow (exit status 1); recovery resumes from the last snapshot.
+        key stays the last one (a duplicate changelog record is as harmless: a restore
+        keeps the latest per key). A stop request while the broker does not answer fails
+        the dataflow (exit status 1); the next start restores from the store and the
+        changelog, which hold nothing of the failed batch.
         """
         self._republish(self._publish_once, records)
 

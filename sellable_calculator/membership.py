@@ -118,6 +118,10 @@ class Assignments:
             self._cond.notify_all()
 
 
+class SessionTimeoutRefused(RuntimeError):
+    """The broker's group settings refuse this instance's session timeout."""
+
+
 _DROPPED = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION})
 """Commit errors that mean the group no longer counts this member."""
 
@@ -163,6 +167,7 @@ class GroupMembership:
         self._asked: list[_Question] = []
         """Questions whose commit is on its way (membership thread only)."""
         self._asked_at = 0.0
+        self._refused: KafkaError | None = None
         self._assigned: tuple[int, ...] = ()
         self._thread = threading.Thread(target=self._run, name="group-membership", daemon=True)
 
@@ -221,6 +226,12 @@ class GroupMembership:
         except KafkaException as exc:
             self._on_commit(exc.args[0], [])
 
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's client-level errors: one of them is a configuration the broker
+        refuses for good (Apache Kafka's default group.min.session.timeout.ms is 6 s)."""
+        if error.code() == KafkaError.INVALID_SESSION_TIMEOUT:
+            self._refused = error
+
     def _on_commit(self, error: KafkaError | None, _partitions: object) -> None:
         """librdkafka's answer to the commit (in the membership thread's poll)."""
         if error is None:
@@ -258,6 +269,7 @@ class GroupMembership:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "latest",
                 "on_commit": self._on_commit,
+                "error_cb": self._on_error,
             }
         )
 
@@ -318,6 +330,13 @@ class GroupMembership:
         )
         try:
             while not self._stop.is_set():
+                if self._refused is not None:
+                    raise SessionTimeoutRefused(
+                        f"the broker refuses CALCULATOR_SESSION_TIMEOUT_SECONDS="
+                        f"{self._settings.calculator_session_timeout_seconds:g} "
+                        f"({self._refused.str()}): set it within the broker's "
+                        "group.min.session.timeout.ms and group.max.session.timeout.ms"
+                    )
                 message = consumer.poll(0.05)
                 self._ask_the_group(consumer)
                 error = None if message is None else message.error()

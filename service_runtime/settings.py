@@ -29,8 +29,6 @@ def _split_commas(value: Any) -> Any:
 
 CommaSeparated = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 """A list setting written as ``A,B,C`` in the environment (not as JSON), validated at load."""
-CommaSeparatedInts = Annotated[list[int], NoDecode, BeforeValidator(_split_commas)]
-"""A list of integers written as ``0,2,4`` in the environment, validated at load."""
 
 
 class ServiceSettingsBase(BaseSettings):

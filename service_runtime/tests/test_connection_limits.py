@@ -64,7 +64,8 @@ def servers(
             "sellable_calculator",
             {
                 "CALCULATOR_PORT": str(ports["calculator"]),
-                "CALCULATOR_INSTANCE_COUNT": "1",
+                # A group of its own: it owns every partition.
+                "CALCULATOR_GROUP_ID": f"limits-{uuid.uuid4().hex[:6]}",
                 "CALCULATOR_INSTANCE_ID": f"limits-{uuid.uuid4().hex[:6]}",
                 "CALCULATOR_STATE_DIR": str(state),
             },

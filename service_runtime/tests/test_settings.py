@@ -45,12 +45,6 @@ def test_list_settings_are_comma_separated_lists_validated_at_load(
 ) -> None:
     monkeypatch.setenv("CASSANDRA_CONTACT_POINTS", " cass-1, cass-2,, ")
     assert ServiceSettings().cassandra_contact_points == ["cass-1", "cass-2"]
-    monkeypatch.setenv("CALCULATOR_PARTITIONS", "4,0,2,2")
-    assert CalculatorSettings().calculator_partitions == [4, 0, 2, 2]
-    assert CalculatorSettings().owned_partitions == (0, 2, 4)
-    monkeypatch.setenv("CALCULATOR_PARTITIONS", "0,two")
-    with pytest.raises(ValidationError, match="calculator_partitions"):
-        CalculatorSettings()
     monkeypatch.setenv("CASSANDRA_CONTACT_POINTS", " , ")
     with pytest.raises(ValidationError, match="cassandra_contact_points"):
         ServiceSettings()
