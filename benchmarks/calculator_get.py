@@ -84,8 +84,7 @@ def main() -> None:
         # Ready, and the group has split the partitions between the two.
         deadline = time.monotonic() + 60
         while not all(
-            httpx.get(u + "/health/ready").status_code == 200 and _owned_partitions(u)
-            for u in urls
+            httpx.get(u + "/health/ready").status_code == 200 and _owned_partitions(u) for u in urls
         ):
             if time.monotonic() > deadline:
                 sys.exit("error: the calculators did not share the partitions within 60 s")

@@ -129,6 +129,18 @@ def find_owner(
     return owner
 
 
+def moved_away(runtime: CalculatorRuntime, partition: int) -> JSONResponse:
+    """The 503 of a read-your-writes GET whose partition moved to another instance while
+    it waited here: asked again, it goes to the new owner."""
+    return error_response(
+        503,
+        "partition_moved",
+        f"partition {partition} moved away from {runtime.routing.me.instance_id} while the "
+        "request waited; ask again",
+        headers=MOVING_RETRY_AFTER,
+    )
+
+
 async def ask_owner(request: Request, owner: InstanceInfo, asked: ReadYourWrites) -> Response:
     """``owner``'s answer to this GET: relayed as a wait (:func:`forward_wait`) when it
     names positions, else forwarded with the ordinary pool and timeout."""

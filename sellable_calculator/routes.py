@@ -25,7 +25,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from sellable_calculator.forwarding import SERVED_BY, ask_owner, fan_out, find_owner
+from sellable_calculator.forwarding import (
+    SERVED_BY,
+    ask_owner,
+    fan_out,
+    find_owner,
+    moved_away,
+)
 from sellable_calculator.read_your_writes import (
     first_not_applied,
     get_query_parameters,
@@ -167,7 +173,8 @@ def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
             503: error_doc(
                 "The key's partition is moving, with `Retry-After`: no instance owns it "
                 "(`owner_unknown`), its owner is unreachable (`owner_unavailable`), still "
-                "restores it (`partition_restoring`) or no longer owns it (`not_owner`); or "
+                "restores it (`partition_restoring`), no longer owns it (`not_owner`), or "
+                "it moved while a read-your-writes GET waited (`partition_moved`); or "
                 "too many read-your-writes waits are being relayed already "
                 "(`too_many_waits`, with `Retry-After`)"
             ),
@@ -207,6 +214,8 @@ async def get_sellable(request: Request) -> Response:
     # Mine: read the local store, once it has applied what the client wrote.
     missed = await first_not_applied(runtime.progress, asked) if asked.positions else None
     if missed is not None:
+        if partition not in runtime.owned:  # it moved away while the request waited
+            return moved_away(runtime, partition)
         return not_caught_up(runtime, missed, asked.wait)
     value = runtime.store.get(key)
     runtime.metrics.local_get_seconds.observe(time.perf_counter() - started)

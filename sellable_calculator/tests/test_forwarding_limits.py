@@ -60,7 +60,7 @@ def test_pending_waits_do_not_starve_ordinary_forwarded_reads(
 ) -> None:
     forwarder, owner = calculators
     location = unique_location("WAITS")
-    sku = sku_owned_by(owner.index, location)
+    sku = sku_owned_by(owner, location)
     applied = mutations.adjust(location, sku, 7)
     assert owner.sellable(location, sku, position=str(applied)).json()["count"] == 7
     partition = partition_for(encode_key(location, sku), PARTITIONS)
