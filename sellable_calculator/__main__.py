@@ -55,7 +55,12 @@ from service_runtime.server import (
     tune_gc_for_serving,
 )
 from shared_schemas.partitioner import partition_for
-from shared_schemas.topics import SELLABLE_CHANGELOG, TopicAdminError, TopicMismatchError
+from shared_schemas.topics import (
+    ALL_TOPICS,
+    TopicAdminError,
+    TopicMismatchError,
+    changelog_topic,
+)
 
 log = logging.getLogger("sellable_calculator")
 
@@ -126,7 +131,7 @@ def _missing_records(
 
 
 def _stored_positions(
-    store: SellableStore, partitions: tuple[int, ...]
+    settings: CalculatorSettings, store: SellableStore, partitions: tuple[int, ...]
 ) -> dict[tuple[str, int], int]:
     """Every position the store claims for ``partitions``: next input offsets and next
     changelog offsets."""
@@ -134,7 +139,7 @@ def _stored_positions(
     for partition in partitions:
         changelog = store.changelog_position(partition)
         if changelog:
-            positions[(SELLABLE_CHANGELOG.name, partition)] = changelog
+            positions[(settings.changelog_topic, partition)] = changelog
     return positions
 
 
@@ -173,8 +178,8 @@ def _discard_state_from_other_topics(
     does not have: then it belongs to topics that are gone, and the partitions are
     restored from what the topics hold now (the changelog, or the inputs from the start)."""
     settings, store = runtime.settings, runtime.store
-    positions = _stored_positions(store, partitions)
-    topics = (*INPUT_TOPICS, SELLABLE_CHANGELOG.name)
+    positions = _stored_positions(settings, store, partitions)
+    topics = (*INPUT_TOPICS, settings.changelog_topic)
     missing = _records_missing(settings, positions, _end_offsets(settings, partitions, topics))
     if not missing:
         return
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.kafka_bootstrap_servers,
             settings.topic_partitions,
             settings.topic_replication_factor,
+            topics=(*ALL_TOPICS, changelog_topic(settings.calculator_group_id)),
         )
     except (TopicMismatchError, TopicAdminError, KafkaException) as exc:
         log.error("cannot start: %s", exc)

@@ -1,8 +1,9 @@
 """The changelog: how a partition's state moves between instances through Kafka.
 
 Every batch the dataflow publishes writes, for each key it changed, the key's whole
-state to the compacted ``sellable_calculator_changelog`` topic (same key bytes, same
-partition number as the inputs), as a Kafka Streams task writes its store's changelog.
+state to the group's compacted changelog topic, ``<group>-changelog`` (same key bytes,
+same partition number as the inputs), as a Kafka Streams task writes its store's
+changelog.
 A record says which input positions the key's state reflects, and where the partition's
 inputs resume if it is the partition's last record: the positions *before* its batch,
 because a crash may have published only part of that batch. On a restore, a key whose
@@ -33,7 +34,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import STATE_SIZE, KeyState, SellableStore
-from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_CHANGELOG
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def restore(
                 if (INPUT_TOPICS[kind], partition) in stored
             }
             state = PartitionState(local[partition], applied)
-            report = _catch_up(consumer, store, partition, state, stop)
+            report = _catch_up(consumer, settings.changelog_topic, store, partition, state, stop)
             if report is None:
                 return None
             result[partition] = state
@@ -175,6 +176,7 @@ def _changelog_consumer(settings: CalculatorSettings) -> Consumer:
 
 def _catch_up(
     consumer: Consumer,
+    topic: str,
     store: SellableStore,
     partition: int,
     state: PartitionState,
@@ -184,12 +186,12 @@ def _catch_up(
     started = time.monotonic()
     start = store.changelog_position(partition)
     report = RestoreReport(partition, start, local_keys=len(state.states))
-    tp = TopicPartition(SELLABLE_CHANGELOG.name, partition)
+    tp = TopicPartition(topic, partition)
     _, end = consumer.get_watermark_offsets(tp, timeout=10)
     if end <= start:  # nothing after what the store reflects
         report.seconds = time.monotonic() - started
         return report
-    consumer.assign([TopicPartition(SELLABLE_CHANGELOG.name, partition, start)])
+    consumer.assign([TopicPartition(topic, partition, start)])
     reader = ChangelogReader(state)
     next_offset = start
     idle_since = time.monotonic()
@@ -197,9 +199,11 @@ def _catch_up(
         while True:
             if stop.is_set():
                 return None
-            messages = consumer.consume(_RESTORE_BATCH, 0.2)
+            # A short wait: consume() waits it out whenever fewer records than a batch are
+            # left, once per partition restored.
+            messages = consumer.consume(_RESTORE_BATCH, 0.02)
             if not messages:
-                if time.monotonic() - idle_since > 30:
+                if time.monotonic() - idle_since > 30:  # the broker went silent
                     raise KafkaException(
                         KafkaError(KafkaError._TIMED_OUT, f"restoring {tp}: no records for 30 s")
                     )

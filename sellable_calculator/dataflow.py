@@ -70,7 +70,7 @@ from shared_schemas.partitioner import partition_for
 from shared_schemas.schemas import INVENTORY_MUTATION
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
 from shared_schemas.serde import SerdeError, ValueSerde, decode_key, value_serde
-from shared_schemas.topics import SELLABLE_CHANGELOG, SELLABLE_INVENTORY
+from shared_schemas.topics import SELLABLE_INVENTORY
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +468,7 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         )
         self._producer = self._new_producer()
         self._failures: list[KafkaError] = []
+        self._changelog = settings.changelog_topic
         self._changelog_ends: dict[int, int] = {}
         """Per partition, the next changelog offset after the records acknowledged so far."""
         self._republish = retrying(
@@ -491,7 +492,7 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
     def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
         if err is not None:
             self._failures.append(err)
-        elif message.topic() == SELLABLE_CHANGELOG.name:
+        elif message.topic() == self._changelog:
             partition, offset = message.partition(), message.offset()
             if partition is None or offset is None:
                 return
@@ -510,6 +511,8 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         starts from the store and the changelog, and reads those mutations again.
         """
         run = self._run
+        if run.fenced.is_set():  # another worker's sink heard it first
+            self._dropping = True
         if self._dropping:
             # Every batch after a dropped one: each builds on the states of the one before
             # it, so publishing it would publish positions past mutations nobody stored.
@@ -544,6 +547,7 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         elif self._fenced(publishing=False):
             return
         serialize, generation = self._serde.serialize, self._generation
+        changelog = self._changelog
         records: list[tuple[str, int, bytes, bytes]] = []
         for _, update in items:
             partition, resume = update.partition, update.resume
@@ -554,7 +558,7 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                     )
                 records.append(
                     (
-                        SELLABLE_CHANGELOG.name,
+                        changelog,
                         partition,
                         key,
                         encode_record(state, resume, generation),
@@ -571,10 +575,8 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                 (INPUT_TOPICS[kind], partition): offset
                 for kind, offset in update.next_offsets.items()
             }
-            changelog = self._changelog_ends.get(partition)
-            self._store.apply(
-                update.changes, positions, None if changelog is None else {partition: changelog}
-            )
+            end = self._changelog_ends.get(partition)
+            self._store.apply(update.changes, positions, None if end is None else {partition: end})
             self._published.inc(sum(1 for state in update.changes.values() if state.exists))
             for (topic, partition_), offset in positions.items():
                 self._progress.advance(topic, partition_, offset)

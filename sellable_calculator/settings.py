@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from pydantic import Field
 
 from service_runtime.settings import HttpServerSettings, KafkaSettings
+from shared_schemas.topics import changelog_topic
 
 _ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -34,7 +35,9 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
     )
     calculator_group_id: str = Field(
         "sellable-calculator",
-        description="Kafka consumer group the instances form: it assigns the partitions.",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Kafka consumer group the instances form: it assigns the partitions. "
+        "Its changelog topic is <group>-changelog.",
     )
     calculator_session_timeout_seconds: float = Field(
         3.0,
@@ -93,6 +96,11 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
         if host in _ANY_ADDRESS:  # bound to every address: others reach us by host name
             host = socket.gethostname()
         return f"http://{host}:{self.calculator_port}"
+
+    @property
+    def changelog_topic(self) -> str:
+        """The group's changelog topic (:func:`shared_schemas.topics.changelog_topic`)."""
+        return changelog_topic(self.calculator_group_id).name
 
     @property
     def instance_dir(self) -> Path:

@@ -59,14 +59,6 @@ SELLABLE_INVENTORY = TopicSpec(
     "Latest sellable inventory per key (value: SellableInventory); compacted.",
     {"cleanup.policy": "compact"},
 )
-SELLABLE_CHANGELOG = TopicSpec(
-    "sellable_calculator_changelog",
-    "The calculator's state per key with the input positions it reflects; compacted. Internal "
-    "to the calculator (its own fixed binary value, see sellable_calculator.changelog): an "
-    "instance that takes over a partition restores it from here, as a Kafka Streams task "
-    "restores its store from its changelog topic.",
-    {"cleanup.policy": "compact"},
-)
 CALCULATOR_INSTANCES = TopicSpec(
     "sellable_calculator_instances",
     "Which calculator instance serves which partitions at which URL; compacted by instance id.",
@@ -78,9 +70,27 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_RESERVATIONS,
     SELLABLE_INVENTORY,
-    SELLABLE_CHANGELOG,
     CALCULATOR_INSTANCES,
 )
+"""The topics every service may create; each calculator group adds its changelog
+(:func:`changelog_topic`)."""
+
+
+def changelog_topic(group: str) -> TopicSpec:
+    """The changelog of calculator group ``group``: ``<group>-changelog``, one per group
+    as Kafka Streams has one per application, so that groups sharing a cluster never
+    restore each other's records.
+
+    The calculator's state per key with the input positions it reflects; compacted.
+    Internal to the calculator (its own fixed binary value, see
+    ``sellable_calculator.changelog``): an instance that takes over a partition restores
+    it from here, as a Kafka Streams task restores its store from its changelog topic.
+    """
+    return TopicSpec(
+        f"{group}-changelog",
+        f"State per key of calculator group {group} (internal, compacted).",
+        {"cleanup.policy": "compact"},
+    )
 
 
 class TopicMismatchError(RuntimeError):

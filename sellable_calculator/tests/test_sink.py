@@ -19,7 +19,9 @@ from sellable_calculator.progress import Progress
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import KeyState, Sellable, SellableStore
 from shared_schemas.serde import encode_key
-from shared_schemas.topics import SELLABLE_CHANGELOG, SELLABLE_INVENTORY
+from shared_schemas.topics import SELLABLE_INVENTORY
+
+CHANGELOG = CalculatorSettings().changelog_topic
 
 STL = encode_key("STL", "123123")
 KC = encode_key("KC", "1")
@@ -102,8 +104,8 @@ def test_values_and_states_are_published_then_stored(
     # A key with reservations only has a state (changelog) but no value to publish.
     assert published == [
         (SELLABLE_INVENTORY.name, STL),
-        (SELLABLE_CHANGELOG.name, STL),
-        (SELLABLE_CHANGELOG.name, KC),
+        (CHANGELOG, STL),
+        (CHANGELOG, KC),
     ]
     state, resume, generation = decode_record(producer.acknowledged[1][2])
     assert (KeyState.from_bytes(state), resume, generation) == (
