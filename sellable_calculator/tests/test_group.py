@@ -433,6 +433,7 @@ class Reader:
                         self.statuses["no answer"] += 1
                         if not (down_before or self.down.is_set()):
                             self.impossible.append(f"{sku}: no answer while up: {exc!r}")
+                        self._stop.wait(0.02)  # refused at once while down: no busy loop
                         continue
                     self._judge(sku, response, self.writer.sent_of(sku), last)
 
