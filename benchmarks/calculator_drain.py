@@ -104,7 +104,7 @@ def calculator_drain(bootstrap: str, records: int, state_dir: str) -> float:
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TOPIC_PARTITIONS": str(PARTITIONS),
         "CALCULATOR_PORT": str(port),
-        "CALCULATOR_INSTANCE_COUNT": "1",
+        "CALCULATOR_GROUP_ID": f"bench-drain-{uuid.uuid4().hex[:6]}",
         "CALCULATOR_INSTANCE_ID": f"bench-{uuid.uuid4().hex[:6]}",
         "CALCULATOR_STATE_DIR": state_dir,
         "CALCULATOR_WORKERS": "1",
