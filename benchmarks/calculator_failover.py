@@ -7,12 +7,12 @@ On a fresh embedded broker (or ``KAFKA_BOOTSTRAP_SERVERS``), once per run:
 
 1. writes ``--per-key`` adjustments to each of ``--keys`` keys, round after round over
    the keys (so each key changes in several calculator batches);
-2. builds the changelog: one calculator in a group of its own drains the inputs (its
-   batches publish every changed key's state to ``sellable_calculator_changelog``) and
+2. builds the changelog: one calculator of the run's group drains the inputs (its
+   batches publish every changed key's state to the group's changelog topic) and
    stops. Every trial restores from this same changelog, and no trial writes to it (the
    inputs do not change), so every trial has the same work to do.
 
-Then, ``--trials`` times, on a calculator group of the trial's own:
+Then, ``--trials`` times, in the same group (a changelog is the group's own):
 
 * two calculator processes (own instance ids, own empty state directories) start; on
   their first assignment they restore their partitions from the changelog; once each
@@ -68,12 +68,11 @@ from sellable_calculator.tests.support import (
     PARTITIONS,
     Calculator,
     calculator_env,
-    lone_calculator,
     wait_for_assignment,
 )
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
-from shared_schemas.topics import INVENTORY_ADJUSTMENTS, SELLABLE_CHANGELOG, ensure_topics
+from shared_schemas.topics import INVENTORY_ADJUSTMENTS, changelog_topic, ensure_topics
 
 LOCATIONS = 50
 FAILOVER_TARGET_SECONDS = 10.0
@@ -168,9 +167,10 @@ def fill(bootstrap: str, keys: list[Key], per_key: int) -> dict[Key, int]:
     return expected
 
 
-def build_changelog(bootstrap: str, state: Path, records: int) -> None:
-    """One calculator (a group of its own) drains the inputs into the changelog, stops."""
-    calculator = lone_calculator(bootstrap, state, "failover-build", LOG_LEVEL="INFO")
+def build_changelog(bootstrap: str, state: Path, records: int, group: str) -> None:
+    """One calculator (alone in ``group``) drains the inputs into the changelog, stops."""
+    env = calculator_env(bootstrap, state, group, f"{group}-build", free_port(), LOG_LEVEL="INFO")
+    calculator = Calculator(0, int(env["CALCULATOR_PORT"]), env, state / "logs")
     started = time.perf_counter()
     try:
         calculator.start()
@@ -191,7 +191,7 @@ def build_changelog(bootstrap: str, state: Path, records: int) -> None:
     )
 
 
-def raw_consume(bootstrap: str, partitions: list[int]) -> tuple[int, float]:
+def raw_consume(bootstrap: str, topic: str, partitions: list[int]) -> tuple[int, float]:
     """Records and seconds of a bare consumer reading ``partitions`` of the changelog from
     their start to their end (the baseline)."""
     consumer = Consumer(
@@ -205,9 +205,7 @@ def raw_consume(bootstrap: str, partitions: list[int]) -> tuple[int, float]:
     )
     try:
         started = time.perf_counter()
-        consumer.assign(
-            [TopicPartition(SELLABLE_CHANGELOG.name, p, OFFSET_BEGINNING) for p in partitions]
-        )
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         seen, at_end = 0, set[int]()
         deadline = time.monotonic() + 300
         while len(at_end) < len(partitions):
@@ -306,10 +304,18 @@ def verify(
     return len(wrong)
 
 
+def _group(run: str) -> str:
+    return f"bench-failover-{run}"
+
+
+def _changelog(run: str) -> str:
+    return changelog_topic(_group(run)).name
+
+
 def start_pair(bootstrap: str, state: Path, run: str, number: int) -> list[Calculator]:
-    """Two calculators of a group of their own, started at once (so that they most likely
-    join the group's first rebalance together)."""
-    group = f"bench-failover-{run}-{number}"
+    """Two calculators of the run's group, started at once (so that they most likely join
+    the group's rebalance together)."""
+    group = _group(run)
     log_dir = logs_dir() / "calculator_failover"
     calculators = []
     for index, letter in enumerate("ab"):
@@ -349,7 +355,7 @@ def trial(
         records_after, seconds_after = restore_totals(survivor)
         keys_moved = sum(1 for key in expected if key.partition in moved)
         wrong = verify(survivor, expected, moved, sample, seed=number)
-        raw_records, raw_seconds = raw_consume(bootstrap, moved)
+        raw_records, raw_seconds = raw_consume(bootstrap, _changelog(run), moved)
         result = Trial(
             detection,
             failover,
@@ -443,8 +449,8 @@ def main() -> None:
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS)
         state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         expected = fill(bootstrap, the_keys(keys), args.per_key)
-        build_changelog(bootstrap, state / "build", keys * args.per_key)
-        records, _ = raw_consume(bootstrap, list(range(PARTITIONS)))
+        build_changelog(bootstrap, state / "build", keys * args.per_key, _group(run))
+        records, _ = raw_consume(bootstrap, _changelog(run), list(range(PARTITIONS)))
         print(
             f"  the changelog holds {records:,} records for {keys:,} keys "
             f"({records / keys:.1f} a key)"

@@ -11,7 +11,7 @@ Example (what ``python -m sellable_calculator`` does for each assignment of part
 The shape is a Kafka Streams task per partition, made explicit::
 
     inventory_adjustments  p ─┐                       ┌─▶ sellable_inventory p
-                              ├─▶ "p" ─▶ running sums ─┼─▶ sellable_calculator_changelog p
+                              ├─▶ "p" ─▶ running sums ─┼─▶ <group>-changelog p
     inventory_reservations p ─┘   per key              └─▶ local store (RocksDB)
 
 * **Input**: :class:`MutationSource` reads exactly the partitions this instance was
