@@ -30,7 +30,12 @@ from benchmarks import infra
 from local_stack.process import ManagedProcess, free_port
 from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import INVENTORY_MUTATION
-from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, ensure_topics
+from shared_schemas.topics import (
+    INVENTORY_ADJUSTMENTS,
+    INVENTORY_RESERVATIONS,
+    changelog_topic,
+    ensure_topics,
+)
 
 PARTITIONS = 6
 INPUTS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
@@ -99,12 +104,18 @@ def calculator_drain(bootstrap: str, records: int, state_dir: str) -> float:
     """Records/s of one calculator instance with one worker, first to last record."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    group = f"bench-drain-{uuid.uuid4().hex[:6]}"
+    # Its changelog exists before it starts, as its input and output topics do: the
+    # first records produced to a topic created a moment before wait for its metadata.
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS, [changelog_topic(group)]
+    )
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "TOPIC_PARTITIONS": str(PARTITIONS),
         "CALCULATOR_PORT": str(port),
-        "CALCULATOR_GROUP_ID": f"bench-drain-{uuid.uuid4().hex[:6]}",
+        "CALCULATOR_GROUP_ID": group,
         "CALCULATOR_INSTANCE_ID": f"bench-{uuid.uuid4().hex[:6]}",
         "CALCULATOR_STATE_DIR": state_dir,
         "CALCULATOR_WORKERS": "1",
