@@ -172,15 +172,24 @@ def _records_missing(
 
 
 def _discard_state_from_other_topics(
-    runtime: CalculatorRuntime, partitions: tuple[int, ...]
+    runtime: CalculatorRuntime, partitions: tuple[int, ...], checked: set[int]
 ) -> None:
     """Delete the local state of ``partitions`` if it was built from records the broker
     does not have: then it belongs to topics that are gone, and the partitions are
-    restored from what the topics hold now (the changelog, or the inputs from the start)."""
+    restored from what the topics hold now (the changelog, or the inputs from the start).
+
+    Each partition is checked once per process (``checked``): what this process itself
+    stored came from this broker, and asking costs a round trip per topic partition, on
+    every rebalance, before the partition can be served again.
+    """
     settings, store = runtime.settings, runtime.store
-    positions = _stored_positions(settings, store, partitions)
+    unchecked = tuple(p for p in partitions if p not in checked)
+    checked.update(partitions)
+    positions = _stored_positions(settings, store, unchecked)
+    if not positions:
+        return
     topics = (*INPUT_TOPICS, settings.changelog_topic)
-    missing = _records_missing(settings, positions, _end_offsets(settings, partitions, topics))
+    missing = _records_missing(settings, positions, _end_offsets(settings, unchecked, topics))
     if not missing:
         return
     stale = tuple(sorted({int(tp.rpartition(":")[2]) for tp in missing}))
@@ -340,10 +349,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _AssignmentLoop:
-    """Whether a dataflow runs (or has nothing to run): what readiness reports."""
+    """Whether a dataflow runs (or has nothing to run): what readiness reports; and the
+    partitions whose local state was checked against the broker."""
 
     def __init__(self) -> None:
         self.running = False
+        self.checked: set[int] = set()
 
 
 def _run(
@@ -436,7 +447,7 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     metrics.assigned_partitions.labels("restoring").set(len(restoring))
     metrics.assigned_partitions.labels("active").set(len(kept))
     runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
-    _discard_state_from_other_topics(runtime, partitions)
+    _discard_state_from_other_topics(runtime, partitions, loop.checked)
     partition_count = settings.topic_partitions
     states = restore(
         settings,
