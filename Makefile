@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 COMPARE_STAMP := $(VENV)/.installed-compare
 
-.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-mutator bench-service clean
+.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-failover bench-mutator bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -64,6 +64,10 @@ wrk:
 bench-calculator: fetch wrk
 	$(PY) -m benchmarks.calculator_drain
 	$(PY) -m benchmarks.calculator_get
+
+# kill -9 of one of two calculators: detection, failover, restore against a raw consume.
+bench-failover: fetch
+	$(PY) -m benchmarks.calculator_failover
 
 bench-mutator: fetch wrk
 	$(PY) -m benchmarks.mutator_post
