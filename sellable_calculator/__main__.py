@@ -422,7 +422,8 @@ def _forget(runtime: CalculatorRuntime, partitions: tuple[int, ...]) -> None:
     is no longer something a catch-up from the changelog can repair. So these partitions
     are no longer served from here, and their local state is deleted; if they come back,
     they are restored from the changelog alone."""
-    runtime.owned = frozenset()
+    given_up, runtime.owned = runtime.owned, frozenset()
+    runtime.progress.give_up(given_up)
     runtime.routing.set_me(runtime.routing.me.assigned((), (), 0))
     partition_count = runtime.settings.topic_partitions
     keys = runtime.store.forget(partitions, lambda key: partition_for(key, partition_count))
@@ -440,7 +441,9 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     settings, routing, metrics = runtime.settings, runtime.routing, runtime.metrics
     metrics.rebalances.inc()
     kept = runtime.owned & frozenset(partitions)
+    moved = runtime.owned - kept
     runtime.owned = kept  # partitions that moved away are not served from here any more
+    runtime.progress.give_up(moved)
     restoring = tuple(p for p in partitions if p not in kept)
     routing.set_me(routing.me.assigned(partitions, restoring, generation))
     _advertise(settings, routing.me)

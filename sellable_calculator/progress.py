@@ -19,7 +19,7 @@ class Progress:
     def __init__(self, initial: Mapping[tuple[str, int], int] | None = None) -> None:
         self._lock = threading.Lock()
         self._next: dict[tuple[str, int], int] = dict(initial or {})
-        self._waiters: dict[tuple[str, int], list[tuple[int, asyncio.Future[None]]]] = {}
+        self._waiters: dict[tuple[str, int], list[tuple[int, asyncio.Future[bool]]]] = {}
 
     def reached(self, topic: str, partition: int) -> int:
         """Next offset to apply for ``(topic, partition)``; 0 if nothing was applied yet."""
@@ -44,12 +44,22 @@ class Progress:
             done = [fut for offset, fut in waiting if offset < next_offset]
             self._waiters[key] = [(o, f) for o, f in waiting if o >= next_offset]
         for fut in done:
-            fut.get_loop().call_soon_threadsafe(_resolve, fut)
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, True)
+
+    def give_up(self, partitions: frozenset[int]) -> None:
+        """Partitions this instance no longer runs: their waiters stop waiting at once
+        (:meth:`wait_for` returns False), rather than at the end of their wait."""
+        with self._lock:
+            keys = [key for key in self._waiters if key[1] in partitions]
+            futures = [fut for key in keys for _, fut in self._waiters.pop(key)]
+        for fut in futures:
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, False)
 
     async def wait_for(self, topic: str, partition: int, offset: int, timeout: float) -> bool:
-        """Wait until the record at ``offset`` is applied; ``False`` if ``timeout`` passed first."""
+        """Wait until the record at ``offset`` is applied; ``False`` if ``timeout`` passed
+        first, or the partition was given up (:meth:`give_up`)."""
         key = (topic, partition)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._next.get(key, 0) > offset:
                 return True
@@ -57,8 +67,7 @@ class Progress:
                 return False
             self._waiters.setdefault(key, []).append((offset, fut))
         try:
-            await asyncio.wait_for(fut, timeout)
-            return True
+            return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             with self._lock:
                 waiting = self._waiters.get(key, [])
@@ -66,6 +75,6 @@ class Progress:
             return False
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
+def _resolve(fut: asyncio.Future[bool], applied: bool) -> None:
     if not fut.done():
-        fut.set_result(None)
+        fut.set_result(applied)

@@ -129,6 +129,22 @@ def test_progress_wakes_waiters_and_times_out() -> None:
     assert asyncio.run(scenario()) == (True, True, False)
 
 
+def test_progress_gives_up_waiters_of_partitions_that_moved_away() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        progress = Progress({("t", 0): 5, ("t", 1): 5})
+        # Waits of an hour: only giving up (or the offset) can end them within the test.
+        moved = asyncio.create_task(progress.wait_for("t", 0, 9, timeout=3600))
+        kept = asyncio.create_task(progress.wait_for("t", 1, 9, timeout=3600))
+        await asyncio.sleep(0)
+        progress.give_up(frozenset({0}))
+        given_up = await asyncio.wait_for(moved, 30)
+        assert not kept.done()
+        progress.advance("t", 1, 10)
+        return given_up, await asyncio.wait_for(kept, 30)
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
 def _info(
     name: str,
     partitions: tuple[int, ...],
