@@ -195,6 +195,7 @@ def _discard_state_from_other_topics(
     stale = tuple(sorted({int(tp.rpartition(":")[2]) for tp in missing}))
     partition_count = settings.topic_partitions
     keys = store.forget(stale, lambda key: partition_for(key, partition_count))
+    runtime.progress.forget(frozenset(stale))
     log.warning(
         "the local state of partitions %s was built from records the broker does not have "
         "(partition: offset already applied %s): the broker was reset or the topics were "

@@ -55,6 +55,13 @@ class Progress:
         for fut in futures:
             fut.get_loop().call_soon_threadsafe(_resolve, fut, False)
 
+    def forget(self, partitions: frozenset[int]) -> None:
+        """Forget how far ``partitions`` got (their state was built from topics that are
+        gone: positions of the topics now start again), and give up their waiters."""
+        with self._lock:
+            self._next = {key: o for key, o in self._next.items() if key[1] not in partitions}
+        self.give_up(partitions)
+
     async def wait_for(self, topic: str, partition: int, offset: int, timeout: float) -> bool:
         """Wait until the record at ``offset`` is applied; ``False`` if ``timeout`` passed
         first, or the partition was given up (:meth:`give_up`)."""

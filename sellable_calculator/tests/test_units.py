@@ -143,6 +143,9 @@ def test_progress_gives_up_waiters_of_partitions_that_moved_away() -> None:
         return given_up, await asyncio.wait_for(kept, 30)
 
     assert asyncio.run(scenario()) == (False, True)
+    progress = Progress({("t", 0): 5, ("t", 1): 5})
+    progress.forget(frozenset({0}))
+    assert (progress.reached("t", 0), progress.reached("t", 1)) == (0, 5)
 
 
 def _info(
