@@ -323,7 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 2
 
-    store = SellableStore(settings.instance_dir / "store")
+    try:
+        store = SellableStore(settings.instance_dir / "store")
+    except Exception as exc:  # rocksdict raises a bare Exception, e.g. for a held lock
+        in_use = "lock" in str(exc).lower()
+        log.error(
+            "cannot open the store in %s: %s",
+            settings.instance_dir,
+            "another process uses it (is calculator "
+            f"{settings.instance_id} already running? Give this one another "
+            "CALCULATOR_PORT or CALCULATOR_INSTANCE_ID)"
+            if in_use
+            else exc,
+        )
+        return 2
     assignments = Assignments()
     stopping = _Stopping(assignments)
     routing = RoutingTable(InstanceInfo.of(settings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from local_stack.process import free_port
+from local_stack.process import ManagedProcess, free_port
 from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_calculator.__main__ import _records_missing
 from sellable_calculator.settings import CalculatorSettings
@@ -498,3 +499,18 @@ def test_an_instance_that_stops_cleanly_leaves_the_routing_table(
     # The partitions it took over are back with the others.
     assert listed() == {c.env["CALCULATOR_INSTANCE_ID"] for c in calculators}
     assert calculators[1].get("/metadata").json()["unownedPartitions"] == []
+
+
+def test_a_second_instance_on_the_same_state_directory_is_refused_in_words(
+    calculators: list[Calculator], tmp_path: Path
+) -> None:
+    """Same instance id and state directory as a running instance: exit 2, saying why."""
+    env = {**calculators[0].env, "CALCULATOR_PORT": str(free_port())}
+    process = ManagedProcess(
+        "duplicate", [sys.executable, "-m", "sellable_calculator"], env=env, log_dir=tmp_path
+    )
+    with process:
+        process.start()
+        assert process.wait(60) == 2
+        assert "another process uses it" in process.log_tail(20)
+        assert "Traceback" not in process.log_tail(20)
