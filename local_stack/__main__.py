@@ -230,6 +230,9 @@ Try it:
     curl -s http://localhost:$port/inventory/locations/STL/skus/123123; echo
   done
 
+One more calculator (it joins the group and takes its share; Ctrl-C hands it back):
+  .venv/bin/python -m sellable_calculator --port {max(calculator_ports) + 1}
+
 Logs: {logs_dir()}   Ctrl-C stops everything.
 """
 
