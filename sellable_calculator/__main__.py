@@ -54,7 +54,6 @@ from service_runtime.server import (
     start_in_thread,
     tune_gc_for_serving,
 )
-from shared_schemas.partitioner import partition_for
 from shared_schemas.topics import (
     ALL_TOPICS,
     TopicAdminError,
@@ -193,8 +192,7 @@ def _discard_state_from_other_topics(
     if not missing:
         return
     stale = tuple(sorted({int(tp.rpartition(":")[2]) for tp in missing}))
-    partition_count = settings.topic_partitions
-    keys = store.forget(stale, lambda key: partition_for(key, partition_count))
+    keys = store.forget(stale, runtime.partition_of)
     runtime.progress.forget(frozenset(stale))
     log.warning(
         "the local state of partitions %s was built from records the broker does not have "
@@ -439,8 +437,7 @@ def _forget(runtime: CalculatorRuntime, partitions: tuple[int, ...]) -> None:
     given_up, runtime.owned = runtime.owned, frozenset()
     runtime.progress.give_up(given_up)
     runtime.routing.set_me(runtime.routing.me.assigned((), (), 0))
-    partition_count = runtime.settings.topic_partitions
-    keys = runtime.store.forget(partitions, lambda key: partition_for(key, partition_count))
+    keys = runtime.store.forget(partitions, runtime.partition_of)
     log.warning(
         "partitions %s were taken away while this instance was silent: deleted their "
         "local state (%d key(s)); they are restored from the changelog if they come back",
@@ -465,12 +462,11 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     metrics.assigned_partitions.labels("active").set(len(kept))
     runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
     _discard_state_from_other_topics(runtime, partitions, loop.checked)
-    partition_count = settings.topic_partitions
     states = restore(
         settings,
         runtime.store,
         partitions,
-        lambda key: partition_for(key, partition_count),
+        runtime.partition_of,
         stop,
         metrics,
     )

@@ -48,9 +48,13 @@ class CalculatorRuntime:
     asks whether it owns one): the assigned partitions once restored. Replaced, never
     changed in place, by the thread that runs the assignments."""
 
+    def partition_of(self, key: bytes) -> int:
+        """The partition of ``key`` in every co-partitioned topic."""
+        return partition_for(key, self.settings.topic_partitions)
+
     def owns(self, key: bytes) -> bool:
         """Whether this instance serves the partition of ``key`` (in every input topic)."""
-        return partition_for(key, self.settings.topic_partitions) in self.owned
+        return self.partition_of(key) in self.owned
 
     async def readiness(self) -> dict[str, Any]:
         """The facts ``/health/ready`` reports; ``ready`` only when all of them are good.
