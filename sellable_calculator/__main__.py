@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 
 import uvicorn
@@ -38,14 +39,15 @@ from sellable_calculator.membership import Assignments, GroupMembership
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import (
+    Advertiser,
     InstanceInfo,
     RoutingFollower,
     RoutingTable,
-    advertise,
     withdraw,
 )
 from sellable_calculator.runtime import CalculatorRuntime
 from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.standby import StandbyReplicas
 from sellable_calculator.store import SellableStore
 from service_runtime.kafka import ensure_topics_when_available
 from service_runtime.server import (
@@ -213,15 +215,6 @@ def _withdraw(settings: CalculatorSettings, me: InstanceInfo) -> None:
         log.warning("could not withdraw from the routing table: %s", exc)
 
 
-def _advertise(settings: CalculatorSettings, me: InstanceInfo) -> None:
-    """Advertise ``me``; a failure is logged (the others route by the last record they
-    saw: to an owner that answers 503 for a moment, never to a wrong value)."""
-    try:
-        advertise(settings, me)
-    except (RuntimeError, KafkaException) as exc:
-        log.warning("could not advertise %s: %s", me.instance_id, exc)
-
-
 def _start_api(runtime: CalculatorRuntime) -> tuple[uvicorn.Server, threading.Thread]:
     settings = runtime.settings
     config = server_config(
@@ -345,15 +338,28 @@ def main(argv: list[str] | None = None) -> int:
         settings, assignments, on_failure=stopping.on_failure("the group membership")
     )
     loop = _AssignmentLoop()
+    metrics = CalculatorMetrics()
+    advertiser = Advertiser(settings, routing)
+    standby = StandbyReplicas(
+        settings,
+        store,
+        routing,
+        advertiser,
+        metrics,
+        on_failure=stopping.on_failure("the standby replicas"),
+    )
     runtime = CalculatorRuntime(
         settings,
         store,
         Progress(store.positions()),
         routing,
-        CalculatorMetrics(),
+        metrics,
         dataflow_running=lambda: loop.running,
         routing_following=lambda: follower.following,
         in_group=lambda: membership.in_group,
+        member_id=lambda: membership.member_id,
+        standby=standby,
+        advertise=advertiser,
     )
     signal.signal(signal.SIGTERM, stopping.on_signal)
     signal.signal(signal.SIGINT, stopping.on_signal)
@@ -385,7 +391,7 @@ def _run(
     status = 0
     try:
         follower.start()
-        _advertise(settings, runtime.routing.me)
+        runtime.advertise()
         server, api_thread = _start_api(runtime)
         tune_gc_for_serving()
         log.info(
@@ -396,6 +402,8 @@ def _run(
             settings.advertised_url,
         )
         membership.start()
+        if runtime.standby is not None:
+            runtime.standby.start()
         while (assignment := assignments.next()) is not None:
             partitions, generation, stop = assignment
             run = Generation(partitions, {}, stop, generation, membership.still_member)
@@ -422,6 +430,8 @@ def _run(
             server.should_exit = True
             api_thread.join(timeout=10)
         follower.stop()
+        if runtime.standby is not None:
+            runtime.standby.stop()  # before the store closes: it writes to it
         runtime.store.close()
         log.info("%s stopped", settings.instance_id)
     return status
@@ -436,7 +446,7 @@ def _forget(runtime: CalculatorRuntime, partitions: tuple[int, ...]) -> None:
     they are restored from the changelog alone."""
     given_up, runtime.owned = runtime.owned, frozenset()
     runtime.progress.give_up(given_up)
-    runtime.routing.set_me(runtime.routing.me.assigned((), (), 0))
+    runtime.routing.change_me(lambda me: me.assigned((), (), 0))
     keys = runtime.store.forget(partitions, runtime.partition_of)
     log.warning(
         "partitions %s were taken away while this instance was silent: deleted their "
@@ -455,9 +465,15 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     moved = runtime.owned - kept
     runtime.owned = kept  # partitions that moved away are not served from here any more
     runtime.progress.give_up(moved)
+    if runtime.standby is not None:
+        # Nothing follows them as a standby any more: their restore starts from the store.
+        runtime.standby.exclude(partitions)
     restoring = tuple(p for p in partitions if p not in kept)
-    routing.set_me(routing.me.assigned(partitions, restoring, generation))
-    _advertise(settings, routing.me)
+    member_id = runtime.member_id()
+    routing.change_me(
+        lambda me: replace(me.assigned(partitions, restoring, generation), member_id=member_id)
+    )
+    runtime.advertise()
     metrics.assigned_partitions.labels("restoring").set(len(restoring))
     metrics.assigned_partitions.labels("active").set(len(kept))
     runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
@@ -479,8 +495,10 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
             runtime.progress.advance(INPUT_TOPICS[kind], partition, offset)
     runtime.end_offsets_at_start = _end_offsets(settings, partitions)
     runtime.owned = frozenset(partitions)
-    routing.set_me(routing.me.assigned(partitions, (), generation))
-    _advertise(settings, routing.me)
+    routing.change_me(lambda me: me.assigned(partitions, (), generation))
+    runtime.advertise()
+    if runtime.standby is not None:
+        runtime.standby.activated()
     metrics.assigned_partitions.labels("restoring").set(0)
     metrics.assigned_partitions.labels("active").set(len(partitions))
     loop.running = True

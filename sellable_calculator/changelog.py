@@ -96,6 +96,9 @@ class ChangelogReader:
     state: PartitionState
     newest_generation: int = 0
     records: int = 0
+    keep_states: bool = True
+    """Whether :attr:`state` collects the key states (a restore hands them to the
+    dataflow); a standby replica only writes them to the store."""
 
     def apply(self, key: bytes, value: bytes) -> bytes | None:
         """Apply one record; the encoded key state it brought, or None if it was skipped."""
@@ -103,7 +106,8 @@ class ChangelogReader:
         if generation < self.newest_generation:
             return None
         self.newest_generation = generation
-        self.state.states[key] = KeyState.from_bytes(data)
+        if self.keep_states:
+            self.state.states[key] = KeyState.from_bytes(data)
         self.state.applied = resume
         self.records += 1
         return data

@@ -28,7 +28,7 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from sellable_calculator.owner_client import OwnerClient
+from sellable_calculator.owner_client import OwnerAnswer, OwnerClient
 from sellable_calculator.read_your_writes import ReadYourWrites
 from sellable_calculator.routing import InstanceInfo
 from sellable_calculator.runtime import CalculatorRuntime, runtime_of
@@ -37,6 +37,8 @@ from service_runtime.http import error_response
 
 FORWARDED_BY = "X-Forwarded-By"
 SERVED_BY = "X-Served-By"
+REPLICA = "X-Replica"
+"""``standby`` on an answer a standby replica gave while the key's owner could not."""
 
 
 @dataclass
@@ -168,11 +170,44 @@ async def forward(
             # A dead owner's partitions are reassigned within the group's session timeout.
             headers={FORWARDED_BY: me.instance_id, **MOVING_RETRY_AFTER},
         )
+    return _relayed(answer, me)
+
+
+def _relayed(answer: OwnerAnswer, me: InstanceInfo) -> Response:
+    """Another instance's answer, passed through with the headers that say who gave it."""
     headers = {FORWARDED_BY: me.instance_id}
-    served_by = answer.headers.get("x-served-by")
-    if served_by is not None:
-        headers[SERVED_BY] = served_by
+    for name in (SERVED_BY, *STANDBY_HEADERS):
+        value = answer.headers.get(name.lower())
+        if value is not None:
+            headers[name] = value
     return Response(answer.body, answer.status, headers, answer.headers.get("content-type"))
+
+
+STANDBY_LAG = "X-Standby-Lag"
+"""Changelog records of the key's partition the standby had not applied when it answered."""
+STALE_REASON = "X-Stale-Reason"
+"""Why the owner did not answer: the code of the 503 it would have been."""
+REFLECTS = "X-Reflects"
+"""The last position of each input topic the standby's value of the key includes."""
+STANDBY_HEADERS = (REPLICA, STANDBY_LAG, STALE_REASON, REFLECTS)
+
+
+async def ask_standby(request: Request, partition: int) -> Response | None:
+    """The answer of another instance that keeps ``partition`` as a warm standby (the
+    least behind as advertised), if one gives a standby answer (200 or 404 marked
+    ``X-Replica: standby``); None otherwise."""
+    runtime = runtime_of(request)
+    me = runtime.routing.me
+    timeout = runtime.settings.calculator_forward_timeout_seconds
+    client = forwarding_of(request).client
+    for holder in runtime.routing.standby_holders(partition)[:1]:
+        try:
+            answer = await client.get(holder.url, request_target(request), me.instance_id, timeout)
+        except (OSError, TimeoutError, ValueError):
+            return None
+        if answer.status in (200, 404) and answer.headers.get("x-replica") == "standby":
+            return _relayed(answer, me)
+    return None
 
 
 async def forward_wait(request: Request, owner: InstanceInfo, wait: float) -> Response:

@@ -169,12 +169,19 @@ class GroupMembership:
         self._asked_at = 0.0
         self._refused: KafkaError | None = None
         self._assigned: tuple[int, ...] = ()
+        self._member_id = ""
         self._thread = threading.Thread(target=self._run, name="group-membership", daemon=True)
 
     @property
     def in_group(self) -> bool:
         """Whether this instance holds a current assignment (readiness reports it)."""
         return self._in_group and self._thread.is_alive()
+
+    @property
+    def member_id(self) -> str:
+        """This instance's member id in the group, once it has joined (advertised: the
+        standby placement predicts the range assignor from it)."""
+        return self._member_id
 
     def still_member(self, stop: threading.Event, timeout: float = 5.0) -> bool | None:
         """Whether the group coordinator says this instance still holds its assignment:
@@ -305,6 +312,7 @@ class GroupMembership:
                 "the group assigned partitions %s to %s", list(owned), self._settings.instance_id
             )
             self._assigned = owned
+            self._member_id = member.memberid() or ""
             self._in_group = True
             self._assignments.assigned(owned)
 

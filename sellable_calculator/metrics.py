@@ -71,6 +71,23 @@ class CalculatorMetrics:
             registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
+        self.standby_partitions = Gauge(
+            "calculator_standby_partitions",
+            "Partitions this instance keeps as a standby replica, by state (warm, catching_up)",
+            ["state"],
+            registry=r,
+        )
+        self.standby_records = Counter(
+            "calculator_standby_records",
+            "Changelog records applied to standby partitions",
+            registry=r,
+        )
+        self.stale_answers = Counter(
+            "calculator_stale_answers",
+            "GETs answered from a standby replica while the owner was unavailable, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.get_seconds = Histogram(
             "calculator_get_seconds",
             "Latency of GET /inventory/locations/{location}/skus/{sku}",

@@ -42,6 +42,8 @@ POSITION_PROBLEM = (
 _SECONDS = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 """A ``timeout``: a non-negative JSON number (``float()`` alone would also read ``inf``,
 ``1_0`` or surrounding spaces)."""
+_BOOLEANS = {"true": True, "false": False}
+"""The values ``fresh`` takes (JSON's, as OpenAPI's boolean)."""
 
 
 def get_query_parameters(max_wait: float) -> list[dict[str, Any]]:
@@ -69,6 +71,17 @@ def get_query_parameters(max_wait: float) -> list[dict[str, Any]]:
             "description": "Seconds to wait for `position` (default "
             "CALCULATOR_WAIT_TIMEOUT_SECONDS; at most CALCULATOR_MAX_WAIT_SECONDS).",
         },
+        {
+            "name": "fresh",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "boolean", "default": False},
+            "description": "`true`: only the key's owner may answer. By default, while the "
+            "owner is unavailable (killed, frozen, the partition moving), a standby "
+            "replica answers with the value it holds, marked `X-Replica: standby` (see the "
+            "response headers); with `fresh=true` that is a 503 with `Retry-After` "
+            "instead. A GET with `position` is never answered by a standby.",
+        },
     ]
 
 
@@ -79,6 +92,13 @@ class ReadYourWrites(NamedTuple):
     """All in the key's partition; none for a plain read (the usual GET)."""
     wait: float
     """Seconds to wait for all of them together."""
+    fresh: bool = False
+    """Only the owner may answer (``fresh=true``): never a standby replica."""
+
+    @property
+    def standby_allowed(self) -> bool:
+        """Whether a standby replica may answer while the owner cannot."""
+        return not (self.fresh or self.positions)
 
 
 PLAIN_READ = ReadYourWrites((), 0.0)
@@ -99,6 +119,17 @@ def read_your_writes_query(
     if not request.scope["query_string"]:
         return PLAIN_READ
     query = request.query_params
+    fresh = False
+    if "fresh" in query:
+        fresh_text = query["fresh"]
+        if fresh_text not in _BOOLEANS:
+            return error_response(
+                422,
+                "invalid_request",
+                f"fresh: must be true or false, not {fresh_text!r}",
+                [{"field": "fresh", "problem": "must be true or false"}],
+            )
+        fresh = _BOOLEANS[fresh_text]
     timeout: float | None = None
     if "timeout" in query:
         timeout = _seconds(query["timeout"], settings.calculator_max_wait_seconds)
@@ -114,7 +145,7 @@ def read_your_writes_query(
     wait = min(
         timeout or settings.calculator_wait_timeout_seconds, settings.calculator_max_wait_seconds
     )
-    return ReadYourWrites(tuple(positions), wait)
+    return ReadYourWrites(tuple(positions), wait, fresh)
 
 
 def _seconds(text: str, max_wait: float) -> float | None:

@@ -25,9 +25,16 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from sellable_calculator.changelog import INPUT_TOPICS
 from sellable_calculator.forwarding import (
+    FORWARDED_BY,
+    REFLECTS,
+    REPLICA,
     SERVED_BY,
+    STALE_REASON,
+    STANDBY_LAG,
     ask_owner,
+    ask_standby,
     fan_out,
     find_owner,
     moved_away,
@@ -74,7 +81,20 @@ class InstanceView(BaseModel):
         examples=[[]], description="Owned partitions whose state it is still restoring."
     )
     generation: int = Field(description="When it got its assignment (epoch ms).")
+    standby: list[int] = Field(
+        examples=[[3, 4, 5]], description="Partitions it keeps warm as a standby replica."
+    )
     self: bool = Field(description="Whether this is the instance that answered.")
+
+
+class StandbyHolder(BaseModel):
+    """One standby replica of a partition."""
+
+    instanceId: str
+    lag: int = Field(
+        description="Changelog records it had not applied: now for the instance that "
+        "answered, as last advertised (every few seconds at most) for the others."
+    )
 
 
 class PartitionView(BaseModel):
@@ -83,6 +103,9 @@ class PartitionView(BaseModel):
     partition: int
     owner: str | None = Field(description="Instance id; null while nobody owns it.")
     state: Literal["active", "restoring", "unowned"]
+    standbys: list[StandbyHolder] = Field(
+        description="Instances that keep it warm and answer for it while the owner cannot."
+    )
 
 
 class Metadata(BaseModel):
@@ -141,14 +164,33 @@ def _view(info: InstanceInfo, routing: RoutingTable) -> InstanceView:
         partitions=owned,
         restoring=[p for p in owned if info.is_restoring(p)],
         generation=info.generation,
+        standby=list(info.standby),
         self=info.instance_id == routing.me.instance_id,
     )
+
+
+def _standbys(runtime: CalculatorRuntime, partition: int) -> list[StandbyHolder]:
+    """The standby replicas of ``partition``: this instance's live lag, the others' as
+    advertised."""
+    routing = runtime.routing
+    holders = [
+        StandbyHolder(instanceId=info.instance_id, lag=dict(info.standby_lag).get(partition, 0))
+        for info in routing.standby_holders(partition)
+    ]
+    mine = {} if runtime.standby is None else runtime.standby.lags()
+    if partition in mine:
+        holders.insert(0, StandbyHolder(instanceId=routing.me.instance_id, lag=mine[partition]))
+    return holders
 
 
 def _state(owner: InstanceInfo | None, partition: int) -> Literal["active", "restoring", "unowned"]:
     if owner is None:
         return "unowned"
     return "restoring" if owner.is_restoring(partition) else "active"
+
+
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
 
 
 def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
@@ -164,14 +206,38 @@ def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
         response_model=SellableInventory,
         summary="Sellable inventory of one sku at one location",
         responses={
-            404: error_doc("No adjustment for this key yet"),
+            200: {
+                "description": "The key's sellable count: the owner's, or, while the owner "
+                "is unavailable and neither `fresh=true` nor `position` was given, a standby "
+                "replica's (a value that was true a moment ago), marked by these headers",
+                "headers": {
+                    REPLICA: _header("`standby`: a standby replica answered, not the owner"),
+                    STALE_REASON: _header(
+                        "Why not the owner: `owner_unavailable`, `owner_unknown` or "
+                        "`partition_restoring`"
+                    ),
+                    STANDBY_LAG: _header(
+                        "Changelog records of the key's partition the standby had not applied"
+                    ),
+                    REFLECTS: _header(
+                        "The last position of each input topic the value includes, "
+                        "comma-separated `topic:partition:offset`"
+                    ),
+                    SERVED_BY: _header("The instance whose store answered"),
+                },
+            },
+            404: error_doc(
+                "No adjustment for this key yet (from a standby replica: none it had seen; "
+                "the same headers as a standby's 200)"
+            ),
             409: error_doc(
                 "A `position` in another partition than the key's (`position_elsewhere`): "
                 "which partition a key lives in depends on the deployment's partition count"
             ),
             422: error_doc("An id breaks the id rule, or a bad `position` or `timeout`"),
             503: error_doc(
-                "The key's partition is moving, with `Retry-After`: no instance owns it "
+                "The key's partition is moving and no standby replica could answer (or "
+                "`fresh=true`, or `position`), with `Retry-After`: no instance owns it "
                 "(`owner_unknown`), its owner is unreachable (`owner_unavailable`), still "
                 "restores it (`partition_restoring`), no longer owns it (`not_owner`), or "
                 "it moved while a read-your-writes GET waited (`partition_moved`); or "
@@ -206,11 +272,18 @@ async def get_sellable(request: Request) -> Response:
         return asked
     if partition not in runtime.owned:  # not mine: the owner answers
         owner = find_owner(request, runtime, partition)
+        unavailable: Response
         if isinstance(owner, Response):
-            return owner
-        answer = await ask_owner(request, owner, asked)
-        runtime.metrics.forwarded_get_seconds.observe(time.perf_counter() - started)
-        return answer
+            unavailable = owner
+        else:
+            answer = await ask_owner(request, owner, asked)
+            if answer.status_code != 503 or not asked.standby_allowed:
+                runtime.metrics.forwarded_get_seconds.observe(time.perf_counter() - started)
+                return answer
+            unavailable = answer
+        if not asked.standby_allowed:
+            return unavailable
+        return await standby_answer(request, runtime, (location, sku, key, partition), unavailable)
     # Mine: read the local store, once it has applied what the client wrote.
     missed = await first_not_applied(runtime.progress, asked) if asked.positions else None
     if missed is not None:
@@ -220,6 +293,80 @@ async def get_sellable(request: Request) -> Response:
     value = runtime.store.get(key)
     runtime.metrics.local_get_seconds.observe(time.perf_counter() - started)
     return sellable_answer(runtime.routing.me, location, sku, value)
+
+
+def _error_code(answer: Response) -> str:
+    """The ``error`` of a JSON error answer (``owner_unavailable`` if it has none)."""
+    try:
+        code = json.loads(bytes(answer.body)).get("error")
+    except (ValueError, AttributeError):
+        code = None
+    return code if isinstance(code, str) else "owner_unavailable"
+
+
+def _why_not_owner(runtime: CalculatorRuntime, partition: int) -> str:
+    """Why a request another instance relayed here (to a standby, or to what its table
+    said was the owner) is not answered by the owner, as this instance's table sees it."""
+    owner = runtime.routing.owner(partition)
+    if owner is None:
+        return "owner_unknown"
+    return "partition_restoring" if owner.is_restoring(partition) else "owner_unavailable"
+
+
+async def standby_answer(
+    request: Request,
+    runtime: CalculatorRuntime,
+    key_of: tuple[str, str, bytes, int],
+    unavailable: Response,
+) -> Response:
+    """The answer of a standby replica of the key's partition (this instance, or the
+    least-behind other one), marked stale; ``unavailable`` (the owner's 503) when no
+    standby can answer."""
+    partition = key_of[3]
+    reason = _error_code(unavailable)
+    if reason == "not_owner":
+        reason = _why_not_owner(runtime, partition)
+    view = None if runtime.standby is None else runtime.standby.view(partition)
+    if view is not None:
+        runtime.metrics.stale_answers.labels(reason).inc()
+        return _stale_answer(runtime, key_of, view.lag, reason)
+    if FORWARDED_BY in request.headers:
+        return unavailable  # relayed once already: never again
+    answer = await ask_standby(request, partition)
+    return unavailable if answer is None else answer
+
+
+def _stale_answer(
+    runtime: CalculatorRuntime, key_of: tuple[str, str, bytes, int], lag: int, reason: str
+) -> Response:
+    """This instance's standby value of a key, with the headers that say what it is."""
+    location, sku, key, partition = key_of
+    state = runtime.store.state(key)
+    reflects = []
+    if state is not None:
+        for topic, position in zip(
+            INPUT_TOPICS, (state.adjustments_position, state.reservations_position), strict=True
+        ):
+            if position > 0:
+                reflects.append(str(Position(topic, partition, position - 1)))
+    headers = {
+        SERVED_BY: runtime.routing.me.instance_id,
+        REPLICA: "standby",
+        STANDBY_LAG: str(lag),
+        STALE_REASON: reason,
+        REFLECTS: ",".join(reflects),
+    }
+    if state is None or not state.exists:
+        return error_response(
+            404,
+            "not_found",
+            f"no sellable inventory for location {location!r}, sku {sku!r} on the standby "
+            f"replica {runtime.routing.me.instance_id}",
+            headers=headers,
+        )
+    return _json(
+        {"locationId": location, "sku": sku, "count": state.on_hand - state.reserved}, 200, headers
+    )
 
 
 def sellable_answer(me: InstanceInfo, location: str, sku: str, value: Sellable | None) -> Response:
@@ -317,11 +464,13 @@ async def count(request: Request, scope: Scope = "all") -> Response:
 
 @router.get("/metadata", response_model=Metadata, summary="The routing table")
 async def metadata(request: Request) -> Metadata:
-    """Every instance that owns partitions (and this one), each partition's owner and
-    state (`restoring` while its new owner restores it), and the partitions nobody owns."""
+    """Every instance that owns partitions (and this one); each partition's owner, its
+    state (`restoring` while its new owner restores it) and its standby replicas with
+    their lag; and the partitions nobody owns."""
     runtime = runtime_of(request)
     routing, partitions = runtime.routing, runtime.settings.topic_partitions
     owners = {p: routing.owner(p) for p in range(partitions)}
+    standbys = {p: _standbys(runtime, p) for p in range(partitions)}
     listed = {i.instance_id: i for i in routing.owning_instances()}
     listed.setdefault(routing.me.instance_id, routing.me)
     return Metadata(
@@ -332,6 +481,7 @@ async def metadata(request: Request) -> Metadata:
                 partition=p,
                 owner=None if owner is None else owner.instance_id,
                 state=_state(owner, p),
+                standbys=standbys[p],
             )
             for p, owner in owners.items()
         ],

@@ -54,6 +54,14 @@ class InstanceInfo:
     the topic are ignored."""
     generation: int = 0
     """When the instance got this assignment (epoch ms): the newer claim of a partition wins."""
+    member_id: str = ""
+    """Its member id in the calculator group: the order the range assignor hands out
+    partitions in, from which every instance predicts where a partition goes if its
+    owner dies (:func:`sellable_calculator.standby.standby_partitions`)."""
+    standby: tuple[int, ...] = ()
+    """Partitions it keeps warm as a standby replica (caught up with their changelog)."""
+    standby_lag: tuple[tuple[int, int], ...] = ()
+    """``(partition, changelog records behind)`` of each standby partition when advertised."""
 
     def is_restoring(self, partition: int) -> bool:
         """Whether ``partition`` is assigned here but not served yet."""
@@ -83,6 +91,9 @@ class InstanceInfo:
             restoring=tuple(int(p) for p in raw.get("restoring", ())),
             generation=int(raw.get("generation", 0)),
             group=str(raw.get("group", "")),
+            member_id=str(raw.get("member_id", "")),
+            standby=tuple(int(p) for p in raw.get("standby", ())),
+            standby_lag=tuple((int(p), int(lag)) for p, lag in raw.get("standby_lag", ())),
         )
 
     @classmethod
@@ -107,14 +118,27 @@ class RoutingTable:
         self._lock = threading.Lock()
         self._instances: dict[str, InstanceInfo] = {me.instance_id: me}
         self._owners: dict[int, InstanceInfo] = {}
+        self.version = 0
+        """Grows with every change of the table: whoever derives something from it (the
+        standby placement) knows when to derive it again."""
         self._rebuild()
 
     def set_me(self, me: InstanceInfo) -> None:
         """This instance's entry changed (an assignment, a partition restored)."""
         with self._lock:
-            self.me = me
-            self._instances[me.instance_id] = me
-            self._rebuild()
+            self._set_me(me)
+
+    def change_me(self, change: Callable[[InstanceInfo], InstanceInfo]) -> InstanceInfo:
+        """Replace this instance's entry by ``change(entry)``, atomically (the assignment
+        loop and the standby replicas both change it); the new entry."""
+        with self._lock:
+            self._set_me(change(self.me))
+            return self.me
+
+    def _set_me(self, me: InstanceInfo) -> None:
+        self.me = me
+        self._instances[me.instance_id] = me
+        self._rebuild()
 
     def update(self, info: InstanceInfo) -> None:
         """Take an advertisement into account (the latest per instance id wins)."""
@@ -147,6 +171,29 @@ class RoutingTable:
             for partition in info.partitions:
                 owners[partition] = info
         self._owners = owners
+        self.version += 1
+
+    def owners(self) -> dict[int, InstanceInfo]:
+        """Every owned partition's owner."""
+        with self._lock:
+            return dict(self._owners)
+
+    def standby_holders(self, partition: int) -> list[InstanceInfo]:
+        """Other instances that advertise ``partition`` as a warm standby, least behind
+        first (as advertised); never its owner. Only instances that own partitions count:
+        a dead instance's record drops out once the group has reassigned its partitions."""
+        with self._lock:
+            owner = self._owners.get(partition)
+            members = {info.instance_id for info in self._owners.values()}
+            holders = [
+                info
+                for info in self._instances.values()
+                if partition in info.standby
+                and info.instance_id in members
+                and info.instance_id != self.me.instance_id
+                and (owner is None or info.instance_id != owner.instance_id)
+            ]
+        return sorted(holders, key=lambda i: (dict(i.standby_lag).get(partition, 0), i.instance_id))
 
     def owner(self, partition: int) -> InstanceInfo | None:
         """The instance that serves ``partition``, if any is known."""
@@ -172,11 +219,41 @@ class RoutingTable:
             return sorted(p for p, info in self._owners.items() if info.instance_id == instance_id)
 
 
+class Advertiser:
+    """Advertises this instance's current entry; thread-safe.
+
+    The assignment loop and the standby replicas both change the entry: each change is
+    followed by a call, and each call publishes the entry as it is when the call holds
+    the lock, so the last record on the topic is always the latest entry (two threads
+    publishing snapshots they took earlier could leave an older one last). A failure is
+    logged: the others route by the last record they saw, to an owner that answers 503
+    for a moment, never to a wrong value.
+    """
+
+    def __init__(self, settings: CalculatorSettings, routing: RoutingTable) -> None:
+        self._settings = settings
+        self._routing = routing
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        """Publish the current entry and wait for the acknowledgement."""
+        with self._lock:
+            me = self._routing.me
+            try:
+                advertise(self._settings, me)
+            except (RuntimeError, KafkaException) as exc:
+                log.warning("could not advertise %s: %s", me.instance_id, exc)
+
+
 def advertise(settings: CalculatorSettings, info: InstanceInfo, timeout: float = 10.0) -> None:
     """Publish ``info`` on the instances topic and wait for the acknowledgement."""
     _publish(settings, info.instance_id, info.to_json(), timeout)
     log.info(
-        "advertised %s at %s owning partitions %s", info.instance_id, info.url, info.partitions
+        "advertised %s at %s owning partitions %s, standby for %s",
+        info.instance_id,
+        info.url,
+        info.partitions,
+        info.standby,
     )
 
 

@@ -20,6 +20,7 @@ from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import RoutingTable
 from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.standby import StandbyReplicas
 from sellable_calculator.store import SellableStore
 from shared_schemas.partitioner import partition_for
 
@@ -43,6 +44,12 @@ class CalculatorRuntime:
     """Whether the routing table is still kept current (:attr:`RoutingFollower.following`)."""
     in_group: Callable[[], bool] = lambda: True
     """Whether this instance holds a current assignment (:attr:`GroupMembership.in_group`)."""
+    member_id: Callable[[], str] = lambda: ""
+    """This instance's member id in the calculator group (:attr:`GroupMembership.member_id`)."""
+    standby: StandbyReplicas | None = None
+    """The partitions kept warm as a standby replica; None: none."""
+    advertise: Callable[[], None] = lambda: None
+    """Publish this instance's routing entry (:class:`~sellable_calculator.routing.Advertiser`)."""
     owned: frozenset[int] = frozenset()
     """The partitions this instance serves from its store, as a set (every inventory GET
     asks whether it owns one): the assigned partitions once restored. Replaced, never
@@ -73,6 +80,7 @@ class CalculatorRuntime:
         in_group = self.in_group()
         me = self.routing.me
         restoring = list(me.restoring)
+        followed, warm = ([], []) if self.standby is None else self.standby.partitions()
         return {
             "ready": running
             and routing
@@ -86,6 +94,8 @@ class CalculatorRuntime:
             "restoring": restoring,
             "dataflowRunning": running,
             "routingFollowing": routing,
+            # Not part of readiness: the instance serves what it owns without them.
+            "standby": {"partitions": followed, "warm": warm},
             "behind": behind,
             "inputProblems": input_problems,
         }

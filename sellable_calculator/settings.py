@@ -45,6 +45,14 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
         description="How long the group waits for a silent instance (killed or frozen) before "
         "it reassigns its partitions.",
     )
+    calculator_standby_replicas: int = Field(
+        1,
+        ge=0,
+        description="Other instances that keep each partition warm as a standby replica (from "
+        "its changelog): a failover then restores only the tail, and while the owner is "
+        "unavailable a standby answers, marked stale. Fewer while there are fewer other "
+        "instances (none while an instance is alone).",
+    )
     calculator_advertised_url: str | None = Field(
         None,
         description="Base URL other instances use to reach this one; default http://<host>:<port> "

@@ -66,10 +66,15 @@ class Group:
     group_id: str = field(default_factory=lambda: f"group-test-{uuid.uuid4().hex[:8]}")
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     calculators: list[Calculator] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)
+    """Settings of every instance of the group."""
 
-    def new(self, name: str, state: str = "state", instance_id: str | None = None) -> Calculator:
+    def new(
+        self, name: str, state: str = "state", instance_id: str | None = None, **extra: str
+    ) -> Calculator:
         """A calculator (not started) of this group on a free port, its store under
-        ``root/state/<instance id>``, its instance id ``<run>-<name>`` unless given."""
+        ``root/state/<instance id>``, its instance id ``<run>-<name>`` unless given, with
+        the ``extra`` settings."""
         port = free_port()
         env = calculator_env(
             self.bootstrap,
@@ -78,6 +83,7 @@ class Group:
             instance_id or f"{self.run}-{name}",
             port,
             CALCULATOR_FORWARD_TIMEOUT_SECONDS="1.0",
+            **{**self.extra, **extra},
         )
         calculator = Calculator(len(self.calculators), port, env, self.root / "logs")
         self.calculators.append(calculator)
@@ -364,6 +370,7 @@ def test_a_third_instance_takes_partitions_under_load_and_hands_them_back_on_sto
 def test_an_instance_killed_and_replaced_by_one_on_an_empty_disk_is_exact(group: Group) -> None:
     """A killed instance replaced by a new one (another id, an empty state directory):
     the newcomer restores its partitions from the changelog alone, and is exact."""
+    group.extra["CALCULATOR_STANDBY_REPLICAS"] = "0"  # no head start from a standby
     victim, survivor = group.started("a", "b")
     location = unique_location("REPLACE")
     skus = [f"sku-{n}" for n in range(KEYS)]
@@ -520,6 +527,7 @@ def test_a_restart_on_its_own_disk_restores_less_than_a_takeover_on_an_empty_one
     """An instance restarted on its own disk restores only the changelog records written
     while it was down; the same instance on an empty disk restores the whole changelog of
     the same partitions."""
+    group.extra["CALCULATOR_STANDBY_REPLICAS"] = "0"  # restores only, no standby catching up
     restarted, other = group.started("a", "b")
     location = unique_location("RESTORE")
     skus = [f"sku-{n}" for n in range(KEYS)]
@@ -570,3 +578,98 @@ def test_a_restart_on_its_own_disk_restores_less_than_a_takeover_on_an_empty_one
     assert from_changelog >= len(written_meanwhile), fresh_restores
     assert all(start == 0 and local == 0 for _, start, local in fresh_restores.values())
     assert from_local < from_changelog
+
+
+def _standbys(calculator: Calculator) -> dict[int, list[str]]:
+    """``{partition: [standby instance ids]}`` as ``calculator``'s /metadata lists them."""
+    return {
+        p["partition"]: [h["instanceId"] for h in p["standbys"]]
+        for p in calculator.get("/metadata").json()["partitions"]
+    }
+
+
+def _owners(calculator: Calculator) -> dict[int, str | None]:
+    return {p["partition"]: p["owner"] for p in calculator.get("/metadata").json()["partitions"]}
+
+
+def test_standbys_answer_honestly_while_the_owner_is_down_and_take_its_partitions_over(
+    group: Group,
+) -> None:
+    """Three instances, one standby per partition. kill -9 of one under +1 writes: while
+    it is down the others answer its keys from their standby replica (200 marked
+    `X-Replica: standby`, never a count that was not written), `fresh=true` refuses
+    with a 503 and Retry-After; each of its partitions goes to the instance that kept it
+    as a standby, which restores only the tail; then every answer is fresh and exact."""
+    calculators = group.started("a", "b", "c")
+    victim, survivors = calculators[1], [calculators[0], calculators[2]]
+    location = unique_location("STANDBY")
+    skus = [f"sku-{n}" for n in range(KEYS)]
+    writer = LoadWriter(group.bootstrap, location, skus, increments_only=True)
+    writer.start()
+    with writer.quiet() as expected:
+        wait_exact(calculators, location, expected)
+    victim_partitions = victim.partitions()
+    owners = _owners(survivors[0])
+    # Every partition has exactly one warm standby, never its owner, the same in every
+    # instance's table (the lags are advertised every few seconds).
+    wait_until(lambda: all(len(h) == 1 for h in _standbys(survivors[0]).values()), 30)
+    standbys = _standbys(survivors[0])
+    assert all(standbys[p][0] != owners[p] for p in ALL_PARTITIONS), (standbys, owners)
+    victim_keys = keys_in(location, skus, victim_partitions)
+    assert victim_keys, "the victim owns none of the keys"
+    asked_of = {sku: survivors[partition_of(location, sku) % 2] for sku in victim_keys}
+
+    writer.wait_rounds(5)
+    assert victim.process is not None
+    victim.process.kill()
+    stale, fresh_refused, impossible = Counter[str](), Counter[str](), []
+    deadline = time.monotonic() + TAKEOVER_BOUND_SECONDS
+    while time.monotonic() < deadline:
+        for sku, calculator in asked_of.items():
+            response = calculator.sellable(location, sku)
+            sent = writer.sent_of(sku)
+            if response.status_code == 200:
+                count = response.json()["count"]
+                if not 1 <= count <= sent:
+                    impossible.append(f"{sku}: {count} with {sent} sent")
+                if response.headers.get("x-replica") == "standby":
+                    stale[response.headers["x-stale-reason"]] += 1
+                    assert int(response.headers["x-standby-lag"]) >= 0
+                    assert response.headers["x-reflects"].startswith("inventory_adjustments:")
+            elif response.status_code != 503:
+                impossible.append(f"{sku}: {response.status_code} {response.text[:200]}")
+            refused = calculator.sellable(location, sku, fresh="true")
+            if refused.status_code == 503:
+                assert refused.headers["retry-after"] == "1"
+                fresh_refused[refused.json()["error"]] += 1
+            else:
+                assert refused.status_code == 200, refused.text
+                assert "x-replica" not in refused.headers
+        if sorted(survivors[0].partitions() + survivors[1].partitions()) == ALL_PARTITIONS:
+            break
+    settle(survivors)
+    assert not impossible, impossible[:20]
+    print(f"while the owner was down: stale {dict(stale)}, fresh=true {dict(fresh_refused)}")
+    assert sum(stale.values()) > 0, "no standby answered while the owner was down"
+    assert sum(fresh_refused.values()) > 0, "fresh=true was never refused"
+
+    # Each of the victim's partitions went to its standby, which restored only the tail.
+    new_owners = _owners(survivors[0])
+    assert {p: new_owners[p] for p in victim_partitions} == {
+        p: standbys[p][0] for p in victim_partitions
+    }, (standbys, new_owners)
+    for survivor in survivors:
+        taken = [p for p in victim_partitions if new_owners[p] == survivor.instance_id]
+        restores = _restored_per_partition(survivor)
+        for partition in taken:
+            records, start, _ = restores[partition]
+            assert start > 0, f"partition {partition} was restored from offset 0: {restores}"
+            print(f"partition {partition}: {records} record(s) restored from offset {start}")
+
+    writer.wait_rounds(5)
+    expected = writer.stop()
+    wait_exact(survivors, location, expected)
+    for sku in victim_keys:
+        response = asked_of[sku].sellable(location, sku)
+        assert "x-replica" not in response.headers
+        assert response.json()["count"] == expected[sku]

@@ -256,6 +256,12 @@ def test_read_your_writes_rejects_bad_positions_and_times_out(
         response = calculator.sellable(location, sku, timeout=timeout)
         assert response.status_code == 422, timeout
         assert response.json()["details"][0]["field"] == "timeout"
+    for fresh in ("yes", "1", "True", ""):
+        response = calculator.sellable(location, sku, fresh=fresh)
+        assert response.status_code == 422, fresh
+        assert response.json()["details"][0]["field"] == "fresh"
+    for fresh in ("true", "false"):
+        assert calculator.sellable(location, sku, fresh=fresh).json()["count"] >= 1
     future = f"{position.topic}:{position.partition}:{position.offset + 1_000_000}"
     started = time.monotonic()
     response = calculator.sellable(location, sku, position=future, timeout=0.3)
@@ -365,7 +371,7 @@ def test_bad_records_are_skipped_and_counted(
     )
 
 
-def test_owner_down_answers_503_quickly_and_own_keys_still_200(
+def test_owner_down_answers_503_quickly_when_fresh_a_marked_standby_answer_otherwise(
     calculators: list[Calculator], mutations: Mutations
 ) -> None:
     location = unique_location("DOWN")
@@ -377,12 +383,18 @@ def test_owner_down_answers_503_quickly_and_own_keys_still_200(
     calculators[1].process.kill()  # a crash: its routing record stays (a clean stop withdraws it)
     try:
         started = time.monotonic()
-        response = calculators[0].sellable(location, theirs)
+        response = calculators[0].sellable(location, theirs, fresh="true")
         assert response.status_code == 503
         assert time.monotonic() - started < 3
         body = response.json()
         assert body["error"] == "owner_unavailable"
         assert calculators[1].env["CALCULATOR_INSTANCE_ID"] in body["message"]
+        # Without fresh=true the standby replica answers, marked as such: with the value,
+        # or 404 if the adjustment had not reached it when the owner died.
+        stale = calculators[0].sellable(location, theirs)
+        assert stale.headers["x-replica"] == "standby", stale.text
+        assert stale.headers["x-stale-reason"] == "owner_unavailable"
+        assert (stale.status_code, stale.json().get("count")) in ((200, 6), (404, None))
         assert calculators[0].count_of(location, mine) == 5
         assert calculators[0].get(f"/inventory/locations/{location}/skus").status_code == 503
     finally:

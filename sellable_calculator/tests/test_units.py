@@ -23,6 +23,7 @@ from sellable_calculator.membership import Assignments
 from sellable_calculator.progress import Progress
 from sellable_calculator.routing import InstanceInfo, RoutingTable
 from sellable_calculator.settings import CalculatorSettings
+from sellable_calculator.standby import range_owner, standby_partitions
 from sellable_calculator.store import KeyState, Sellable, SellableStore
 from shared_schemas.partitioner import partition_for
 from shared_schemas.serde import encode_key
@@ -193,6 +194,65 @@ def test_an_advertisement_of_an_older_version_still_reads() -> None:
         0,
         "",
     )
+
+
+def test_an_advertisement_carries_member_id_and_standby_replicas() -> None:
+    info = InstanceInfo(
+        "a", "http://a", (1,), 6, 1.5, member_id="a-1", standby=(2, 3), standby_lag=((2, 5),)
+    )
+    assert InstanceInfo.from_json(info.to_json()) == info
+
+
+def _member(name: str, partitions: tuple[int, ...]) -> InstanceInfo:
+    return InstanceInfo(name, f"http://{name}", partitions, 6, 1.0, member_id=f"{name}-x")
+
+
+def test_range_owner_is_librdkafkas_range_assignment() -> None:
+    # 6 partitions over 3 members: {0,1} {2,3} {4,5}; over 4: {0,1} {2,3} {4} {5}.
+    assert [range_owner(p, 3, 6) for p in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [range_owner(p, 4, 6) for p in range(6)] == [0, 0, 1, 1, 2, 3]
+    assert [range_owner(p, 1, 6) for p in range(6)] == [0] * 6
+    assert [range_owner(p, 7, 6) for p in range(6)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_standby_of_a_partition_is_where_it_goes_if_its_owner_dies() -> None:
+    a, b, c = _member("a", (0, 1)), _member("b", (2, 3)), _member("c", (4, 5))
+    owners = {p: m for m in (a, b, c) for p in m.partitions}
+    # Without b, range gives a {0,1,2} and c {3,4,5}: a keeps 2 warm, c keeps 3.
+    # Without a: b {0,1,2}, c {3,4,5}. Without c: a {0,1,2}, b {3,4,5}.
+    assert standby_partitions(owners, a, 1, 6) == {2}
+    assert standby_partitions(owners, b, 1, 6) == {0, 1, 4, 5}
+    assert standby_partitions(owners, c, 1, 6) == {3}
+    # Two replicas with three members: every other member keeps every partition.
+    assert standby_partitions(owners, a, 2, 6) == {2, 3, 4, 5}
+    assert standby_partitions(owners, a, 0, 6) == frozenset()
+    # Alone: nobody to keep a standby for, even with replicas asked for.
+    alone = _member("a", tuple(range(6)))
+    assert standby_partitions(dict.fromkeys(range(6), alone), alone, 1, 6) == frozenset()
+    # A newcomer that owns nothing yet keeps a standby of what it would get: a {0,1,2}
+    # and b {3,4,5} now; without b, range gives a {0,1,2} and d {3,4,5}.
+    a, b, d = _member("a", (0, 1, 2)), _member("b", (3, 4, 5)), _member("d", ())
+    owners = {p: m for m in (a, b) for p in m.partitions}
+    assert standby_partitions(owners, d, 1, 6) == {3, 4, 5}
+    # a does not count d, which owns nothing (a dead instance's record looks the same):
+    # it keeps b's partitions too until d owns some, one standby more for a moment.
+    assert standby_partitions(owners, a, 1, 6) == {3, 4, 5}
+
+
+def test_the_routing_table_names_standby_holders_but_never_the_owner_or_a_dead_one() -> None:
+    table = RoutingTable(InstanceInfo("me", "http://me", (0,), 6, 1.0, group="g"))
+    table.update(InstanceInfo("b", "http://b", (1,), 6, 2.0, group="g", standby=(0, 2)))
+    lagging = ((1, 4),)
+    table.update(
+        InstanceInfo("c", "http://c", (2,), 6, 3.0, group="g", standby=(1, 2), standby_lag=lagging)
+    )
+    table.update(InstanceInfo("gone", "http://g", (), 6, 0.5, group="g", standby=(1,)))
+    assert [i.instance_id for i in table.standby_holders(0)] == ["b"]
+    assert [i.instance_id for i in table.standby_holders(1)] == ["c"]
+    assert table.standby_holders(2) == [table.owner(1)]  # b; c owns 2 itself
+    version = table.version
+    table.change_me(lambda me: me.assigned((0, 3), (), 5))
+    assert table.version > version and table.owner(3) == table.me
 
 
 def test_settings_identity() -> None:
