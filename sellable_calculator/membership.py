@@ -256,9 +256,11 @@ class GroupMembership:
         self._thread.start()
 
     def stop(self, timeout: float = 40.0) -> None:
-        """Leave the group (after the revoke stopped the dataflow) and end the thread."""
+        """Leave the group (after the revoke stopped the dataflow) and end the thread;
+        nothing to do if it never started (the instance failed before joining)."""
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
 
     def _consumer(self) -> Consumer:
         session_ms = int(self._settings.calculator_session_timeout_seconds * 1000)

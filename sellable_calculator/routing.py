@@ -330,9 +330,10 @@ class RoutingFollower:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop following and close the consumer."""
+        """Stop following and close the consumer (nothing to do if it never started)."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=5)
 
     def _consumer(self) -> Consumer:
         consumer = Consumer(
