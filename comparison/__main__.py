@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from comparison.report import summarize, terminal_table, write_results
+from comparison.report import LOAD_GENERATOR, summarize, terminal_table, write_results
 from comparison.workload import Endpoints, Measurements, Options, Workload
 from local_stack.system import RunningSystem, calculator_process, started_system
 
@@ -54,9 +55,7 @@ async def kill_calculator(url: str) -> None:
     port = urlsplit(url).port
     if port is None:
         raise ValueError(f"no port in {url}")
-    victim = calculator_process(port)
-    print(f"\nkill -9 {victim.pid} (the calculator at {url})", flush=True)
-    await asyncio.to_thread(victim.kill)
+    await asyncio.to_thread(calculator_process(port).kill)
 
 
 def scale_run(n: int, options: Options) -> dict[str, Any]:
@@ -64,6 +63,7 @@ def scale_run(n: int, options: Options) -> dict[str, Any]:
     latency and CPU per path."""
     with started(n) as running:
         pids = {name: process.pid for name, process in running.services.items()}
+        pids[LOAD_GENERATOR] = os.getpid()  # the readers and writers share the cores too
         progress = Progress()
         workload = Workload(endpoints_of(running), options, progress, watch_pids=pids)
         measurements = asyncio.run(workload.run())

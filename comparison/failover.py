@@ -136,13 +136,18 @@ class FailoverPhase:
         tasks = [asyncio.create_task(self._write(stop))]
         for path in self.paths:
             tasks += [asyncio.create_task(self._read(path, n, stop)) for n in range(per_path)]
+        self.workload.progress("failover: load before the kill", 0, BEFORE_KILL_SECONDS)
         await asyncio.sleep(BEFORE_KILL_SECONDS)
+        self.workload.progress(
+            "failover: load before the kill", BEFORE_KILL_SECONDS, BEFORE_KILL_SECONDS
+        )
         shift = time.monotonic() - self.killed_at
         self.killed_at += shift  # times so far were relative to the planned kill
         for answer in self.answers:
             answer.t -= shift
         self.writes = [(t - shift, ok) for t, ok in self.writes]
         await self.kill(victim)
+        self.workload.progress(f"failover: kill -9 of {victim_id}", 1, 1)
         recovered = await self._until_recovered(session, victim)
         stop.set()
         await asyncio.gather(*tasks)

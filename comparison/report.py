@@ -200,6 +200,10 @@ def _div(value: float | None, by: float) -> float | None:
     return None if value is None else value / by
 
 
+LOAD_GENERATOR = "load generator"
+"""The name of ``python -m comparison``'s own process in the CPU figures."""
+
+
 def _scaling_chart(scaling: list[dict[str, Any]], path: Path) -> None:
     """Throughput and p95 latency per path against the number of calculators, and the
     cores the calculators and the whole machine used."""
@@ -219,6 +223,8 @@ def _scaling_chart(scaling: list[dict[str, Any]], path: Path) -> None:
     calculators = [_peak(run, "calculators") for run in scaling]
     cores.plot(counts, machine, marker="o", label="whole machine")
     cores.plot(counts, calculators, marker="o", label="all calculators")
+    cores.plot(counts, [_peak(run, LOAD_GENERATOR) for run in scaling], marker="o",
+               label="load generator (python -m comparison)")  # fmt: skip
     if scaling and scaling[0]["cpu"]:
         available = next(iter(scaling[0]["cpu"].values())).get("machine_cores")
         if available:
@@ -239,8 +245,8 @@ def _peak(run: dict[str, Any], what: str) -> float | None:
     """Most cores used while one path was read: by the machine, or all calculators."""
     values = []
     for used in run["cpu"].values():
-        if what == "machine":
-            values.append(used.get("machine"))
+        if what != "calculators":
+            values.append(used.get(what))
         else:
             values.append(sum(v for k, v in used.items() if k.startswith("calculator")))
     present = [v for v in values if v is not None]
@@ -404,6 +410,7 @@ def scaling_rows(scaling: list[dict[str, Any]]) -> list[list[Any]]:
                     p["latency_ms"]["p50"],
                     p["latency_ms"]["p95"],
                     " ".join(f"{v:.2f}" for _, v in sorted(calculators.items())) or "-",
+                    used.get(LOAD_GENERATOR),
                     used.get("machine"),
                 ]
             )
@@ -431,7 +438,8 @@ def scaling_story(scaling: list[dict[str, Any]]) -> str:
         text += (
             f"Everything (broker, Cassandra, mutator, service, calculators and this load "
             f"generator) shares this machine's {available:.0f} cores; while one path was read "
-            f"the whole machine used up to {busiest:.2f} of them. "
+            f"the whole machine used up to {busiest:.2f} of them, this load generator "
+            f"up to {max((_peak(run, LOAD_GENERATOR) or 0.0) for run in scaling):.2f}. "
         )
         if busiest >= 0.85 * available:
             text += (
@@ -583,7 +591,7 @@ def _scaling_html(scaling: list[dict[str, Any]], images: dict[str, bytes]) -> st
     if not scaling:
         return ""
     headers = ["calculators", "path", "reads/s", "p50 ms", "p95 ms",
-               "cores per calculator", "cores, whole machine"]  # fmt: skip
+               "cores per calculator", "cores, load generator", "cores, whole machine"]  # fmt: skip
     chart = _figure("scaling.png", images["scaling.png"])
     return f"""<h2>Scaling: the same workload with more calculator instances</h2>
 {scaling_story(scaling)}
@@ -703,7 +711,8 @@ def _scaling_lines(scaling: list[dict[str, Any]]) -> list[str]:
     if not scaling:
         return []
     lines = [
-        f"{'scale':<7}{'path':<22}{'reads/s':>9}{'p50':>8}{'p95':>8}  cores (calculators; machine)"
+        f"{'scale':<7}{'path':<22}{'reads/s':>9}{'p50':>8}{'p95':>8}"
+        "  cores (calculators; load generator; machine)"
     ]
     for run in scaling:
         for name, p in run["paths"].items():
@@ -711,11 +720,12 @@ def _scaling_lines(scaling: list[dict[str, Any]]) -> list[str]:
             calculators = " ".join(
                 f"{v:.2f}" for k, v in sorted(used.items()) if k.startswith("calculator")
             )
-            machine = used.get("machine")
+            machine, load = used.get("machine"), used.get(LOAD_GENERATOR)
             lines.append(
                 f"{run['calculators']:<7}{name:<22}{p['throughput_per_s']:>9.0f}"
                 f"{_fmt(p['latency_ms']['p50']):>8}{_fmt(p['latency_ms']['p95']):>8}  "
-                f"{calculators or '-'}; {'-' if machine is None else f'{machine:.2f}'}"
+                f"{calculators or '-'}; {'-' if load is None else f'{load:.2f}'}; "
+                f"{'-' if machine is None else f'{machine:.2f}'}"
                 f" of {used.get('machine_cores', 0):.0f}"
             )
     return lines
