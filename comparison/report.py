@@ -438,7 +438,8 @@ def scaling_story(scaling: list[dict[str, Any]]) -> str:
         text += (
             f"Everything (broker, Cassandra, mutator, service, calculators and this load "
             f"generator) shares this machine's {available:.0f} cores; while one path was read "
-            f"the whole machine used up to {busiest:.2f} of them, this load generator "
+            f"the whole machine (these and anything else running on it) used up to "
+            f"{busiest:.2f} of them, this load generator "
             f"up to {max((_peak(run, LOAD_GENERATOR) or 0.0) for run in scaling):.2f}. "
         )
         if busiest >= 0.85 * available:
