@@ -410,11 +410,15 @@ def scaling_rows(scaling: list[dict[str, Any]]) -> list[list[Any]]:
                     p["latency_ms"]["p50"],
                     p["latency_ms"]["p95"],
                     " ".join(f"{v:.2f}" for _, v in sorted(calculators.items())) or "-",
-                    used.get(LOAD_GENERATOR),
-                    used.get("machine"),
+                    _cores(used.get(LOAD_GENERATOR)),
+                    _cores(used.get("machine")),
                 ]
             )
     return rows
+
+
+def _cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def scaling_story(scaling: list[dict[str, Any]]) -> str:
