@@ -146,7 +146,12 @@ class FailoverPhase:
         for answer in self.answers:
             answer.t -= shift
         self.writes = [(t - shift, ok) for t, ok in self.writes]
-        await self.kill(victim)
+        try:
+            await self.kill(victim)
+        except BaseException:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         self.workload.progress(f"failover: kill -9 of {victim_id}", 1, 1)
         recovered = await self._until_recovered(session, victim)
         stop.set()

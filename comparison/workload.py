@@ -372,7 +372,10 @@ class Workload:
         # Every key exact on every path first: the phase's model starts from there.
         await self._wait_agree(keys, "failover: settling", 60)
         phase = FailoverPhase(self, keys, self.kill)
-        self.measurements.failover = await phase.run()
+        try:
+            self.measurements.failover = await phase.run()
+        except (LookupError, OSError, TimeoutError) as exc:  # no such process, not ours…
+            self.measurements.failover = skipped(f"could not kill the calculator: {exc}")
 
     async def _wait_agree(self, keys: list[Key], phase: str, seconds: float) -> list[Key]:
         """Wait (``seconds`` at most) until every key agrees on every path; the rest."""
