@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
@@ -33,17 +33,37 @@ from tqdm import tqdm
 
 from comparison.report import LOAD_GENERATOR, summarize, terminal_table, write_results
 from comparison.workload import Endpoints, Measurements, Options, Workload
+from local_stack.process import ProcessFailed
 from local_stack.system import RunningSystem, calculator_process, started_system
+
+START_ATTEMPTS = 3
 
 
 @contextmanager
 def started(calculators: int = 2) -> Iterator[RunningSystem]:
     """A system started the way ``make up`` does (supervised: a killed process is started
-    again after about a second), in a temporary home; stopped on exit."""
-    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
+    again after about a second), in a temporary home; stopped on exit.
+
+    A start that fails is tried again (twice): the free ports are picked before the
+    services bind them, and on a busy machine another process (an outgoing connection's
+    ephemeral port, another system starting) sometimes takes one in between.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
         print(f"starting the system with {calculators} calculator(s), as make up does…", flush=True)
-        with started_system(Path(tmp), calculators=calculators, supervise=True) as running:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="compare-"))
+            try:
+                running = stack.enter_context(
+                    started_system(Path(tmp), calculators=calculators, supervise=True)
+                )
+            except ProcessFailed as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                reason = next((line for line in str(exc).splitlines() if "ERROR" in line), "")
+                print(f"the system did not start: {reason.strip()}; trying again", flush=True)
+                continue
             yield running
+            return
 
 
 def endpoints_of(running: RunningSystem) -> Endpoints:

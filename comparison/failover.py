@@ -345,8 +345,14 @@ class FailoverPhase:
         ]
         staleness = [a.staleness_ms for a in after if a.staleness_ms is not None]
         before = [a.staleness_ms for a in mine if a.t < 0 and a.staleness_ms is not None]
+        latencies = sorted(a.latency_ms for a in after)
         return {
             "answers_after_kill": len(after),
+            "latency_after_kill_ms": {
+                "p50": _nearest(latencies, 0.5),
+                "p99": _nearest(latencies, 0.99),
+                "max": latencies[-1] if latencies else None,
+            },
             "kinds_after_kill": {kind: sum(a.kind == kind for a in after) for kind in KINDS},
             "errors_503": dict(Counter(a.detail for a in after if a.kind == "503")),
             "other_errors": dict(Counter(a.detail for a in after if a.kind == "other")),

@@ -313,6 +313,13 @@ FAILOVER_HEADERS = [
 ]  # fmt: skip
 
 
+CODE_HEADERS = [
+    "path", "503 by error code", "other errors", "standby reasons", "wrong values",
+    "latency p50 ms", "latency p99 ms",
+]  # fmt: skip
+"""After the kill, per path."""
+
+
 def failover_story(failover: dict[str, Any]) -> str:
     """What each design cost during the failure, in plain words, from the numbers."""
     if not failover["ran"]:
@@ -570,7 +577,8 @@ def _failover_html(failover: dict[str, Any], images: dict[str, bytes]) -> str:
     rows = failover_rows(failover)
     codes = [
         [name, _counts_text(p["errors_503"]) or "-", _counts_text(p["other_errors"]) or "-",
-         _counts_text(p["stale_reasons"]) or "-", p["wrong_values"]]
+         _counts_text(p["stale_reasons"]) or "-", p["wrong_values"],
+         p["latency_after_kill_ms"]["p50"], p["latency_after_kill_ms"]["p99"]]
         for name, p in failover["paths"].items()
     ]  # fmt: skip
     writes = failover["writes"]
@@ -578,7 +586,7 @@ def _failover_html(failover: dict[str, Any], images: dict[str, bytes]) -> str:
     return f"""<h2>Failover: kill -9 of one calculator under load</h2>
 {failover_story(failover)}
 {_table(FAILOVER_HEADERS, rows)}
-{_table(["path", "503 by error code", "other errors", "standby reasons", "wrong values"], codes)}
+{_table(CODE_HEADERS, codes)}
 <p>Writes during the phase: {writes["accepted"]} acknowledged, {writes["failed"]} failed
 ({writes["unmodelled_keys"]} key(s) whose staleness could not be modelled after a failed write).
 Windows and times are in seconds since the kill, by when each read was sent; the phase

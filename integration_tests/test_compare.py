@@ -115,6 +115,8 @@ def test_the_failover_phase_kills_a_calculator_and_measures_every_path_until_it_
             assert sum(b[kind] for b in after) == numbers["kinds_after_kill"][kind]
         assert sum(numbers["errors_503"].values()) == numbers["kinds_after_kill"]["503"]
         assert numbers["wrong_values"] == 0
+        latency = numbers["latency_after_kill_ms"]
+        assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
         assert 0 <= numbers["exact_again_s"] <= failover["measured_until_s"]
         for window in (numbers["unavailable_s"], numbers["stale_s"]):
             if window is not None:
