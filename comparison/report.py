@@ -390,10 +390,11 @@ def failover_story(failover: dict[str, Any]) -> str:
             cost += f" and in freshness too (values up to {calc_stale / 1000:.1f} s old)"
         cost += ", "
         if service_errors == 0 and stale is not None:
+            paid = "only in freshness" if calc_stale else "in freshness instead"
+            worst = service["max_staleness_ms"] / 1000
             cost += (
-                f"while the Cassandra read model kept answering 200 and paid in freshness "
-                f"instead: values up to {service['max_staleness_ms'] / 1000:.1f} s old for "
-                f"{stale:.1f} s, until the new owner published them."
+                f"while the Cassandra read model kept answering 200 and paid {paid}: values "
+                f"up to {worst:.1f} s old for {stale:.1f} s, until the new owner published them."
             )
         elif service_errors == 0:
             cost += "and the Cassandra read model kept answering 200 without falling behind."
