@@ -48,7 +48,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Both query sides measured side by side; COMPARE_ARGS="--duration 60 --keys 500" etc.
+# Both query sides measured side by side, then kill -9 of a calculator under load (the
+# failover phase); COMPARE_ARGS="--duration 60 --keys 500", "--no-failover", "--scale 1,2,3".
 compare: fetch $(COMPARE_STAMP)
 	$(PY) -m comparison $(COMPARE_ARGS)
 

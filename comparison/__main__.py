@@ -2,39 +2,106 @@
 
     .venv/bin/python -m comparison [--duration 30] [--keys 200] [--locations 10]
         [--write-rate 100] [--read-concurrency 16] [--seed 1] [--results DIR]
-        [--mutator URL --service URL --calculators URL,URL]
+        [--no-failover] [--scale 1,2,3]
+        [--mutator URL --service URL --calculators URL,URL [--allow-kill]]
 
 Without URLs it starts the system the way ``make up`` does (on free ports, in a
-temporary home) and stops it afterwards. The results directory gets ``report.html``
-(charts inline), ``report.json`` (summary and raw samples) and the charts as PNGs.
+temporary home, its processes restarted when they die) and stops it afterwards. The
+failover phase kills one calculator with kill -9: on a system given by URLs only with
+``--allow-kill`` (something must start it again, as ``make up``'s supervisor does).
+``--scale`` runs the workload again on systems with that many calculators (started
+here, one after the other). The results directory gets ``report.html`` (charts
+inline), ``report.json`` (summary and raw samples) and the charts as PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from comparison.report import summarize, terminal_table, write_results
-from comparison.workload import Endpoints, Options, Workload
-from local_stack.system import started_system
+from comparison.report import LOAD_GENERATOR, summarize, terminal_table, write_results
+from comparison.workload import Endpoints, Measurements, Options, Workload
+from local_stack.process import ProcessFailed
+from local_stack.system import RunningSystem, calculator_process, started_system
+
+START_ATTEMPTS = 3
 
 
 @contextmanager
-def started_endpoints() -> Iterator[Endpoints]:
-    """A system started the way ``make up`` does, in a temporary home; stopped on exit."""
-    with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
-        print("starting the system (as make up does)…", flush=True)
-        with started_system(Path(tmp)) as running:
-            yield Endpoints(running.mutator, running.service, running.calculators)
+def started(calculators: int = 2) -> Iterator[RunningSystem]:
+    """A system started the way ``make up`` does (supervised: a killed process is started
+    again after about a second), in a temporary home; stopped on exit.
+
+    A start that fails is tried again (twice): the free ports are picked before the
+    services bind them, and on a busy machine another process (an outgoing connection's
+    ephemeral port, another system starting) sometimes takes one in between.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        print(f"starting the system with {calculators} calculator(s), as make up does…", flush=True)
+        with ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="compare-"))
+            try:
+                running = stack.enter_context(
+                    started_system(Path(tmp), calculators=calculators, supervise=True)
+                )
+            except ProcessFailed as exc:
+                if attempt == START_ATTEMPTS:
+                    raise
+                reason = next((line for line in str(exc).splitlines() if "ERROR" in line), "")
+                print(f"the system did not start: {reason.strip()}; trying again", flush=True)
+                continue
+            yield running
+            return
+
+
+def endpoints_of(running: RunningSystem) -> Endpoints:
+    return Endpoints(running.mutator, running.service, running.calculators)
+
+
+async def kill_calculator(url: str) -> None:
+    """kill -9 the calculator process listening on ``url``'s port (on this machine)."""
+    port = urlsplit(url).port
+    if port is None:
+        raise ValueError(f"no port in {url}")
+    await asyncio.to_thread(calculator_process(port).kill)
+
+
+def scale_run(n: int, options: Options) -> dict[str, Any]:
+    """The workload (no failover) on a fresh system with ``n`` calculators: throughput,
+    latency and CPU per path."""
+    with started(n) as running:
+        pids = {name: process.pid for name, process in running.services.items()}
+        pids[LOAD_GENERATOR] = os.getpid()  # the readers and writers share the cores too
+        progress = Progress()
+        workload = Workload(endpoints_of(running), options, progress, watch_pids=pids)
+        measurements = asyncio.run(workload.run())
+        progress.close()
+    summary = summarize(measurements)
+    return {
+        "calculators": n,
+        "paths": {
+            path: {
+                "throughput_per_s": numbers["throughput_per_s"],
+                "latency_ms": numbers["latency_ms"],
+                "errors": numbers["errors"],
+            }
+            for path, numbers in summary["paths"].items()
+        },
+        "cpu": measurements.cpu,
+        "all_agree": summary["correctness"]["all_agree"],
+    }
 
 
 class Progress:
@@ -91,6 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutator", help="mutator URL of a running system")
     parser.add_argument("--service", help="sellable_service URL")
     parser.add_argument("--calculators", help="calculator URLs, comma-separated")
+    parser.add_argument(
+        "--failover",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.failover,
+        help="kill -9 one calculator under load and measure every path until it recovers",
+    )
+    parser.add_argument(
+        "--allow-kill",
+        action="store_true",
+        help="with URLs: the failover phase may kill -9 a calculator of that system",
+    )
+    parser.add_argument("--stale-threshold-ms", type=float, default=defaults.stale_threshold_ms)
+    parser.add_argument("--failover-timeout", type=float, default=defaults.failover_timeout)
+    parser.add_argument(
+        "--scale",
+        help="comma-separated calculator counts (e.g. 1,2,3): the workload again on a "
+        "system started with each (not with URLs)",
+    )
     args = parser.parse_args(argv)
     options = Options(
         keys=args.keys,
@@ -100,32 +185,65 @@ def main(argv: list[str] | None = None) -> int:
         duration=args.duration,
         seed=args.seed,
         probes=args.probes,
+        failover=args.failover,
+        stale_threshold_ms=args.stale_threshold_ms,
+        failover_timeout=args.failover_timeout,
     )
     results = args.results or Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
     given = [args.mutator, args.service, args.calculators]
     if any(given) and not all(given):
         parser.error("--mutator, --service and --calculators go together")
-
-    def run(endpoints: Endpoints) -> int:
-        progress = Progress()
+    scale: list[int] = []
+    if args.scale:
+        if all(given):
+            parser.error("--scale starts its own systems: not with URLs")
         try:
-            workload = Workload(endpoints, options, progress)
+            scale = [int(n) for n in args.scale.split(",")]
+        except ValueError:
+            parser.error("--scale takes calculator counts, e.g. 1,2,3")
+        if any(n < 1 or n > 8 for n in scale):
+            parser.error("--scale: between 1 and 8 calculators")
+
+    def measure(endpoints: Endpoints, may_kill: bool) -> Measurements | None:
+        progress = Progress()
+        reason = (
+            "the system was given by URLs: pass --allow-kill to let the failover phase "
+            "kill -9 one of its calculators"
+        )
+        try:
+            workload = Workload(
+                endpoints,
+                options,
+                progress,
+                kill=kill_calculator if may_kill else None,
+                no_kill_reason=reason,
+            )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 2
+            return None
         measurements = asyncio.run(workload.run())
         progress.close()
-        summary = summarize(measurements)
-        files = write_results(summary, measurements, results)
-        print()
-        print(terminal_table(summary))
-        print(f"\nreport: {files['report.html']}  (raw data: {files['report.json']})")
-        return 0 if summary["correctness"]["all_agree"] else 1
+        if not measurements.failover["ran"] and options.failover:
+            print(f"failover phase skipped: {measurements.failover['skipped']}", flush=True)
+        return measurements
 
     if all(given):
-        return run(Endpoints(args.mutator, args.service, args.calculators.split(",")))
-    with started_endpoints() as endpoints:
-        return run(endpoints)
+        endpoints = Endpoints(args.mutator, args.service, args.calculators.split(","))
+        measurements = measure(endpoints, args.allow_kill)
+    else:
+        with started() as running:
+            measurements = measure(endpoints_of(running), True)
+    if measurements is None:
+        return 2
+    # One system at a time: each scale run starts (and stops) its own.
+    scaling = [scale_run(n, dataclasses.replace(options, failover=False)) for n in scale]
+    summary = summarize(measurements, scaling)
+    files = write_results(summary, measurements, results)
+    print()
+    print(terminal_table(summary))
+    print(f"\nreport: {files['report.html']}  (raw data: {files['report.json']})")
+    ok = summary["correctness"]["all_agree"] and all(run["all_agree"] for run in scaling)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -17,13 +17,17 @@ import random
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from comparison import cpu
+from comparison.failover import FailoverPhase, skipped
+
 PATHS = ("calculator-local", "calculator-forwarded", "cassandra-service")
+"""Every read path; with one calculator instance there is no calculator-forwarded."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,13 @@ class Options:
     seed: int = 1
     probes: int = 30
     """Freshness probes per path."""
+    failover: bool = True
+    """Run the failover phase (it also needs a way to kill a calculator)."""
+    stale_threshold_ms: float = 1000.0
+    """In the failover phase, an answer further behind the acknowledged writes than this
+    is stale (less is a path's normal lag)."""
+    failover_timeout: float = 60.0
+    """Seconds after the kill to wait for every key to be exact again on every path."""
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Measurements:
     """Raw results; :mod:`comparison.report` turns them into numbers and charts."""
 
     options: Options
+    paths: tuple[str, ...] = PATHS
     latencies_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     errors: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     read_seconds: dict[str, float] = field(default_factory=dict)
@@ -78,6 +90,9 @@ class Measurements:
     keys_checked: int = 0
     listing_ms: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     listing_mismatches: list[dict[str, Any]] = field(default_factory=list)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per read path: cores used by each watched process and by the whole machine."""
+    failover: dict[str, Any] = field(default_factory=lambda: skipped("not run"))
 
 
 def _split(keys: list[Key]) -> tuple[list[Key], list[Key]]:
@@ -94,9 +109,15 @@ class Workload:
         endpoints: Endpoints,
         options: Options,
         progress: Callable[[str, float, float], None] = lambda *_: None,
+        kill: Callable[[str], Awaitable[None]] | None = None,
+        no_kill_reason: str = "no way to kill a calculator was given",
+        watch_pids: dict[str, int] | None = None,
     ) -> None:
-        if len(endpoints.calculators) < 2:
-            raise ValueError("the forwarded path needs at least two calculator instances")
+        """``kill`` kills the calculator at a URL (the failover phase runs only with it;
+        otherwise its result says ``no_kill_reason``); ``watch_pids``: processes whose
+        CPU use is measured while each path is read, by name."""
+        if not endpoints.calculators:
+            raise ValueError("need at least one calculator instance")
         if options.keys < 10 or options.locations < 1 or options.locations > options.keys:
             raise ValueError("need at least 10 keys and between 1 and --keys locations")
         self.endpoints = endpoints
@@ -104,7 +125,12 @@ class Workload:
         self.progress = progress
         self.rng = random.Random(options.seed)
         self.expected: dict[tuple[str, str], int] = {}
-        self.measurements = Measurements(options)
+        self.paths = PATHS if len(endpoints.calculators) > 1 else (PATHS[0], PATHS[2])
+        self.measurements = Measurements(options, self.paths)
+        self.kill = kill
+        self.no_kill_reason = no_kill_reason
+        self.watch_pids = watch_pids or {}
+        self.instance_ids: list[str] = []
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -121,6 +147,7 @@ class Workload:
             keys = await self._make_keys()
             await self._seed_keys(keys)
             await self._measure(keys)
+            await self._failover(keys)
             await self._check(keys)
         return self.measurements
 
@@ -134,6 +161,7 @@ class Workload:
         # docker compose the advertised URLs (container host names) are not the ones the
         # benchmark reaches the instances at.
         instance_ids = [await self._instance_id(url) for url in self.endpoints.calculators]
+        self.instance_ids = instance_ids
         keys = []
         for i in range(self.options.keys):
             location = f"CMP-{run}-L{i % self.options.locations}"
@@ -228,7 +256,7 @@ class Workload:
     async def _all_paths_agree(self, key: Key) -> bool:
         want = self.expected[(key.location, key.sku)]
         try:
-            values = [await self._read(path, key) for path in PATHS]
+            values = [await self._read(path, key) for path in self.paths]
         except (aiohttp.ClientError, TimeoutError):
             return False
         return all(v == want for v in values)
@@ -239,12 +267,15 @@ class Workload:
         stop = asyncio.Event()
         writer = asyncio.create_task(self._write_steadily(keys, stop))
         probe_keys, write_keys = _split(keys)
-        slot = self.options.duration / len(PATHS)
-        for path in PATHS:
+        slot = self.options.duration / len(self.paths)
+        for path in self.paths:
+            before = cpu.sample(self.watch_pids)
             await self._read_load(path, write_keys, slot)
+            if self.watch_pids:
+                self.measurements.cpu[path] = cpu.cores_used(before, cpu.sample(self.watch_pids))
         stop.set()
         await writer
-        for path in PATHS:
+        for path in self.paths:
             await self._probe_freshness(path, probe_keys)
 
     async def _write_steadily(self, keys: list[Key], stop: asyncio.Event) -> None:
@@ -326,16 +357,41 @@ class Workload:
             while not await self._all_paths_agree(key):
                 await asyncio.sleep(0.01)
 
-    # --- correctness and listings -------------------------------------------------------
+    # --- failover -----------------------------------------------------------------------
 
-    async def _check(self, keys: list[Key]) -> None:
-        deadline = time.monotonic() + 60
+    async def _failover(self, keys: list[Key]) -> None:
+        if not self.options.failover:
+            self.measurements.failover = skipped("--no-failover")
+            return
+        if len(self.endpoints.calculators) < 2:
+            self.measurements.failover = skipped("one calculator instance: nothing to fail over to")
+            return
+        if self.kill is None:
+            self.measurements.failover = skipped(self.no_kill_reason)
+            return
+        # Every key exact on every path first: the phase's model starts from there.
+        await self._wait_agree(keys, "failover: settling", 60)
+        phase = FailoverPhase(self, keys, self.kill)
+        try:
+            self.measurements.failover = await phase.run()
+        except (LookupError, OSError, TimeoutError) as exc:  # no such process, not ours…
+            self.measurements.failover = skipped(f"could not kill the calculator: {exc}")
+
+    async def _wait_agree(self, keys: list[Key], phase: str, seconds: float) -> list[Key]:
+        """Wait (``seconds`` at most) until every key agrees on every path; the rest."""
+        deadline = time.monotonic() + seconds
         wrong: list[Key] = keys
         while wrong and time.monotonic() < deadline:
             wrong = [k for k in wrong if not await self._all_paths_agree(k)]
-            self.progress("checking every key", len(keys) - len(wrong), len(keys))
+            self.progress(phase, len(keys) - len(wrong), len(keys))
             if wrong:
                 await asyncio.sleep(0.5)
+        return wrong
+
+    # --- correctness and listings -------------------------------------------------------
+
+    async def _check(self, keys: list[Key]) -> None:
+        wrong = await self._wait_agree(keys, "checking every key", 60)
         self.measurements.keys_checked = len(keys)
         for key in wrong:
             entry: dict[str, Any] = {
@@ -343,7 +399,7 @@ class Workload:
                 "sku": key.sku,
                 "expected": self.expected[(key.location, key.sku)],
             }
-            for path in PATHS:
+            for path in self.paths:
                 entry[path] = await self._read(path, key)
             self.measurements.disagreements.append(entry)
         await self._check_listings(keys)

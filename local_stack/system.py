@@ -69,10 +69,14 @@ def started_system(
     calculators: int = 2,
     timeout: float = 240,
     settings: dict[str, str] | None = None,
+    supervise: bool = False,
 ) -> Iterator[RunningSystem]:
     """Start the system with its state under ``home``; stop it on exit.
 
     ``settings`` are environment variables every service gets on top of this process's.
+    ``supervise``: service processes that die are started again, as ``make up`` does
+    (off by default: the tests and the chaos trials kill and restart processes
+    themselves; :attr:`RunningSystem.services` then lists the first pids only).
     """
     ensure_cassandra_distribution()
     link = home / distribution_dir().name
@@ -102,9 +106,9 @@ def started_system(
         str(free_port()),
         "--cassandra-port",
         str(free_port()),
-        # The tests and the chaos trials kill and restart processes themselves.
-        "--no-supervise",
     ]
+    if not supervise:
+        command.append("--no-supervise")
     process = ManagedProcess("make-up", command, env=env, log_dir=home / "logs")
     process.start()
     try:
