@@ -39,8 +39,9 @@ if TYPE_CHECKING:
     from comparison.workload import Key, Workload
 
 KINDS = ("fresh", "stale", "503", "504", "other")
-"""fresh: a 200 without ``X-Replica: standby``; stale: an answer of a standby replica
-(200, or 404 for a key it does not have yet); 503, 504: those statuses; other: any other
+"""fresh: a 200 without ``X-Replica: standby`` or ``X-Behind``; stale: an answer of a
+standby replica (200, or 404 for a key it does not have yet), or of an owner still
+catching up after a takeover (``X-Behind``); 503, 504: those statuses; other: any other
 status, a refused connection, a client time-out."""
 
 BEFORE_KILL_SECONDS = 3.0
@@ -211,12 +212,16 @@ class FailoverPhase:
             try:
                 async with self.workload.session.get(url, timeout=timeout) as response:
                     standby = response.headers.get("X-Replica") == "standby"
+                    catching_up = "X-Behind" in response.headers
                     status = response.status
                     body = await response.json(content_type=None)
                 if status == 200:
-                    kind, value = ("stale" if standby else "fresh"), int(body["count"])
+                    marked = standby or catching_up
+                    kind, value = ("stale" if marked else "fresh"), int(body["count"])
                     if standby:
                         detail = response.headers.get("X-Stale-Reason", "standby")
+                    elif catching_up:
+                        detail = "catching_up"
                 elif status == 404 and standby:
                     kind, detail = "stale", response.headers.get("X-Stale-Reason", "standby")
                 elif status == 503:

@@ -494,6 +494,7 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
         for kind, offset in state.applied.items():
             runtime.progress.advance(INPUT_TOPICS[kind], partition, offset)
     runtime.end_offsets_at_start = _end_offsets(settings, partitions)
+    runtime.catching_up = frozenset(partitions)  # until behind() says otherwise
     runtime.owned = frozenset(partitions)
     routing.change_me(lambda me: me.assigned(partitions, (), generation))
     runtime.advertise()

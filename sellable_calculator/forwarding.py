@@ -176,7 +176,7 @@ async def forward(
 def _relayed(answer: OwnerAnswer, me: InstanceInfo) -> Response:
     """Another instance's answer, passed through with the headers that say who gave it."""
     headers = {FORWARDED_BY: me.instance_id}
-    for name in (SERVED_BY, *STANDBY_HEADERS):
+    for name in (SERVED_BY, *FRESHNESS_HEADERS):
         value = answer.headers.get(name.lower())
         if value is not None:
             headers[name] = value
@@ -189,7 +189,10 @@ STALE_REASON = "X-Stale-Reason"
 """Why the owner did not answer: the code of the 503 it would have been."""
 REFLECTS = "X-Reflects"
 """The last position of each input topic the standby's value of the key includes."""
-STANDBY_HEADERS = (REPLICA, STANDBY_LAG, STALE_REASON, REFLECTS)
+BEHIND = "X-Behind"
+"""On an owner's answer while it catches up after taking the partition over: input
+records written before the takeover it has not applied yet."""
+FRESHNESS_HEADERS = (REPLICA, STANDBY_LAG, STALE_REASON, REFLECTS, BEHIND)
 
 
 async def ask_standby(request: Request, partition: int) -> Response | None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from sellable_calculator.changelog import INPUT_TOPICS
 from sellable_calculator.forwarding import (
+    BEHIND,
     FORWARDED_BY,
     REFLECTS,
     REPLICA,
@@ -224,6 +225,10 @@ def add_sellable_route(app_router: APIRouter, max_wait: float) -> None:
                         "comma-separated `topic:partition:offset`"
                     ),
                     SERVED_BY: _header("The instance whose store answered"),
+                    BEHIND: _header(
+                        "On the owner's answer right after it took the partition over: input "
+                        "records written before then it has not applied yet (catching up)"
+                    ),
                 },
             },
             404: error_doc(
@@ -292,6 +297,9 @@ async def get_sellable(request: Request) -> Response:
         return not_caught_up(runtime, missed, asked.wait)
     value = runtime.store.get(key)
     runtime.metrics.local_get_seconds.observe(time.perf_counter() - started)
+    if partition in runtime.catching_up and (behind := runtime.behind(partition)):
+        # Just assigned, and still applying what was written while nobody ran it.
+        return sellable_answer(runtime.routing.me, location, sku, value, {BEHIND: str(behind)})
     return sellable_answer(runtime.routing.me, location, sku, value)
 
 
@@ -369,19 +377,24 @@ def _stale_answer(
     )
 
 
-def sellable_answer(me: InstanceInfo, location: str, sku: str, value: Sellable | None) -> Response:
-    """200 with the count this store holds for the key, or 404 when it holds none."""
+def sellable_answer(
+    me: InstanceInfo,
+    location: str,
+    sku: str,
+    value: Sellable | None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """200 with the count this store holds for the key, or 404 when it holds none (with
+    ``headers`` besides ``X-Served-By``)."""
+    headers = {SERVED_BY: me.instance_id, **(headers or {})}
     if value is None:
         return error_response(
             404,
             "not_found",
             f"no sellable inventory for location {location!r}, sku {sku!r}",
-            headers={SERVED_BY: me.instance_id},
+            headers=headers,
         )
-    return _json(
-        {"locationId": location, "sku": sku, "count": value.count},
-        headers={SERVED_BY: me.instance_id},
-    )
+    return _json({"locationId": location, "sku": sku, "count": value.count}, headers=headers)
 
 
 def not_caught_up(runtime: CalculatorRuntime, position: Position, wait: float) -> Response:

@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from sellable_calculator.changelog import INPUT_TOPICS
 from sellable_calculator.health import DataflowHealth
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.progress import Progress
@@ -50,6 +51,10 @@ class CalculatorRuntime:
     """The partitions kept warm as a standby replica; None: none."""
     advertise: Callable[[], None] = lambda: None
     """Publish this instance's routing entry (:class:`~sellable_calculator.routing.Advertiser`)."""
+    catching_up: frozenset[int] = frozenset()
+    """Owned partitions that had not applied their inputs' end offsets seen at the
+    assignment when last asked (:meth:`behind`): after a takeover, the writes made while
+    nobody ran the partition. Their answers say so (``X-Behind``)."""
     owned: frozenset[int] = frozenset()
     """The partitions this instance serves from its store, as a set (every inventory GET
     asks whether it owns one): the assigned partitions once restored. Replaced, never
@@ -58,6 +63,17 @@ class CalculatorRuntime:
     def partition_of(self, key: bytes) -> int:
         """The partition of ``key`` in every co-partitioned topic."""
         return partition_for(key, self.settings.topic_partitions)
+
+    def behind(self, partition: int) -> int:
+        """Input records of ``partition`` up to the end offsets seen at the assignment that
+        this store has not applied yet; once 0, the partition leaves :attr:`catching_up`."""
+        behind = 0
+        for topic in INPUT_TOPICS:
+            end = self.end_offsets_at_start.get((topic, partition), 0)
+            behind += max(0, end - self.progress.reached(topic, partition))
+        if behind == 0:
+            self.catching_up = self.catching_up - {partition}
+        return behind
 
     def owns(self, key: bytes) -> bool:
         """Whether this instance serves the partition of ``key`` (in every input topic)."""

@@ -289,12 +289,18 @@ class StandbyReplicas:
         version = self._routing.version
         if version != self._seen_version:
             self._seen_version = version
-            self._placed = standby_partitions(
-                self._routing.owners(),
+            owners = self._routing.owners()
+            placed = standby_partitions(
+                owners,
                 self._routing.me,
                 self._settings.calculator_standby_replicas,
                 self._settings.topic_partitions,
             )
+            # A partition nobody claims right now (its dead owner came back and advertised
+            # an empty assignment, or the group is between assignments) keeps the standby
+            # it has: that is when its answers matter most.
+            unclaimed = {p for p in self._followed if p not in owners}
+            self._placed = placed | unclaimed
         return self._placed - self._excluded
 
     def _reassign(self, consumer: Consumer, wanted: frozenset[int]) -> None:

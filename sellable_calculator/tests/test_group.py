@@ -671,5 +671,5 @@ def test_standbys_answer_honestly_while_the_owner_is_down_and_take_its_partition
     wait_exact(survivors, location, expected)
     for sku in victim_keys:
         response = asked_of[sku].sellable(location, sku)
-        assert "x-replica" not in response.headers
+        assert "x-replica" not in response.headers and "x-behind" not in response.headers
         assert response.json()["count"] == expected[sku]
