@@ -65,6 +65,9 @@ from shared_schemas.topics import (
 
 log = logging.getLogger("sellable_calculator")
 
+ROUTING_LOAD_SECONDS = 5.0
+"""How long the API waits at start for the routing table to be read to its end."""
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sellable_calculator", description=__doc__)
@@ -391,6 +394,12 @@ def _run(
     status = 0
     try:
         follower.start()
+        if not follower.loaded.wait(ROUTING_LOAD_SECONDS):
+            log.warning(
+                "the routing table is not loaded after %g s: serving anyway (keys whose "
+                "owner it does not know yet answer 503 owner_unknown)",
+                ROUTING_LOAD_SECONDS,
+            )
         runtime.advertise()
         server, api_thread = _start_api(runtime)
         tune_gc_for_serving()

@@ -318,6 +318,10 @@ class RoutingFollower:
         self._new_consumer = consumer_factory or self._consumer
         self._stop = threading.Event()
         self._failed: BaseException | None = None
+        self.loaded = threading.Event()
+        """Set once the whole topic, as it was when the follower started, has been read:
+        before that the table may lack owners (an instance that serves too early answers
+        503 ``owner_unknown`` for keys that have one)."""
         self._thread = threading.Thread(target=self._run, name="routing-follower", daemon=True)
 
     @property
@@ -341,6 +345,7 @@ class RoutingFollower:
                 "bootstrap.servers": self._settings.kafka_bootstrap_servers,
                 "group.id": f"{self._settings.instance_id}-routing-unused",
                 "enable.auto.commit": False,
+                "enable.partition.eof": True,  # tells when the table is loaded
             }
         )
         # No consumer group: every instance must see every record.
@@ -393,7 +398,9 @@ class RoutingFollower:
                 if error is not None:
                     if error.fatal():
                         raise KafkaException(error)
-                    if error.code() != KafkaError._PARTITION_EOF:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        self.loaded.set()
+                    else:
                         log.warning("routing follower: %s", error)
                     continue
                 key = (message.key() or b"").decode(errors="replace")
