@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -51,6 +52,15 @@ class Forwarding:
     """Relayed read-your-writes waits (a pool of their own: :func:`open_forwarding`)."""
     waits: int = 0
     """Read-your-writes waits being relayed to owners right now."""
+    silent_until: dict[str, float] = field(default_factory=dict)
+    """Instance id -> until when (monotonic) it is taken as unreachable: a forward to it
+    failed just now. GETs a standby may answer skip it meanwhile, rather than each
+    waiting out the forward timeout on a frozen owner."""
+
+    def silent(self, instance_id: str) -> bool:
+        """Whether a forward to ``instance_id`` failed less than :data:`SILENT_SECONDS` ago."""
+        until = self.silent_until.get(instance_id)
+        return until is not None and time.monotonic() < until
 
 
 @asynccontextmanager
@@ -143,9 +153,18 @@ def moved_away(runtime: CalculatorRuntime, partition: int) -> JSONResponse:
     )
 
 
+SILENT_SECONDS = 1.0
+"""How long an instance a forward failed to reach is skipped by GETs a standby may
+answer (the next GET after that tries it again)."""
+
+
 async def ask_owner(request: Request, owner: InstanceInfo, asked: ReadYourWrites) -> Response:
     """``owner``'s answer to this GET: relayed as a wait (:func:`forward_wait`) when it
-    names positions, else forwarded with the ordinary pool and timeout."""
+    names positions, else forwarded with the ordinary pool and timeout. An owner that
+    failed to answer within the last :data:`SILENT_SECONDS` is not asked when a standby
+    may answer instead: the 503 it would give comes at once."""
+    if asked.standby_allowed and forwarding_of(request).silent(owner.instance_id):
+        return _owner_unavailable(owner, runtime_of(request).routing.me, "no answer just now")
     if asked.positions:
         return await forward_wait(request, owner, asked.wait)
     timeout = runtime_of(request).settings.calculator_forward_timeout_seconds
@@ -162,15 +181,20 @@ async def forward(
     try:
         answer = await client.get(owner.url, request_target(request), me.instance_id, timeout)
     except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a URL that is not http
-        return error_response(
-            503,
-            "owner_unavailable",
-            f"{owner.instance_id} at {owner.url} owns this key but did not answer: "
-            f"{type(exc).__name__}",
-            # A dead owner's partitions are reassigned within the group's session timeout.
-            headers={FORWARDED_BY: me.instance_id, **MOVING_RETRY_AFTER},
-        )
+        silent_until = forwarding_of(request).silent_until
+        silent_until[owner.instance_id] = time.monotonic() + SILENT_SECONDS
+        return _owner_unavailable(owner, me, type(exc).__name__)
     return _relayed(answer, me)
+
+
+def _owner_unavailable(owner: InstanceInfo, me: InstanceInfo, why: str) -> JSONResponse:
+    return error_response(
+        503,
+        "owner_unavailable",
+        f"{owner.instance_id} at {owner.url} owns this key but did not answer: {why}",
+        # A dead owner's partitions are reassigned within the group's session timeout.
+        headers={FORWARDED_BY: me.instance_id, **MOVING_RETRY_AFTER},
+    )
 
 
 def _relayed(answer: OwnerAnswer, me: InstanceInfo) -> Response:
