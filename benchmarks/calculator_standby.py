@@ -399,7 +399,7 @@ def report(trials: list[StandbyTrial], session_timeout: float, poll: float) -> N
     )
     print(
         _row(
-            "  kill -> all fresh, after detection (s)",
+            "  all fresh minus detection (s)",
             [t.fresh - t.detection for t in trials],
             ".2f",
         )
