@@ -27,6 +27,8 @@ built. Per trial:
 * verified, untimed, once all six are active: every key through the listings, as in the
   restore section. Any wrong answer (a wrong count, a stale answer to ``fresh=true``, a
   standby value that differs although nothing changed) is printed; the run exits 1.
+
+``BENCH_DEBUG=1`` prints every polling round (its duration and the answers so far).
 """
 
 from __future__ import annotations
