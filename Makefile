@@ -66,9 +66,11 @@ bench-calculator: fetch wrk
 	$(PY) -m benchmarks.calculator_drain
 	$(PY) -m benchmarks.calculator_get
 
-# kill -9 of one of two calculators: detection, failover, restore against a raw consume.
+# kill -9 of one of two calculators: detection, failover, restore against a raw consume
+# (no standby replica); then with one standby, kill -9 -> the dead one's keys answered fresh.
+# FAILOVER_ARGS="--quick", "--sections standby --session-timeout 3" etc.
 bench-failover: fetch
-	$(PY) -m benchmarks.calculator_failover
+	$(PY) -m benchmarks.calculator_failover $(FAILOVER_ARGS)
 
 bench-mutator: fetch wrk
 	$(PY) -m benchmarks.mutator_post

@@ -2,6 +2,19 @@
 
     .venv/bin/python -m benchmarks.calculator_failover [--keys 100000] [--trials 5]
     .venv/bin/python -m benchmarks.calculator_failover --quick      # 5,000 keys, 2 trials
+    .venv/bin/python -m benchmarks.calculator_failover --sections standby --session-timeout 3
+
+Two sections (``--sections``, both by default), each ``--trials`` kill -9 trials:
+
+* ``restore``: without standby replicas (``CALCULATOR_STANDBY_REPLICAS=0``), the survivor
+  restores the dead one's partitions from the changelog alone; the calculator's default
+  session timeout. Described below.
+* ``standby``: with one standby replica, how long until every key of the dead one is
+  answered fresh by its new owner, with ``--session-timeout`` (default 1 s); see
+  :mod:`benchmarks.calculator_standby`. It runs in a group of its own, with a changelog
+  built in it with that timeout: the embedded broker keeps the session timeout the
+  group's first members joined with (members asking 1 s in a group first joined with 3 s
+  were dropped after 3 s).
 
 On a fresh embedded broker (or ``KAFKA_BOOTSTRAP_SERVERS``), once per run:
 
@@ -14,12 +27,12 @@ On a fresh embedded broker (or ``KAFKA_BOOTSTRAP_SERVERS``), once per run:
 
 Then, ``--trials`` times, in the same group (a changelog is the group's own):
 
-* two calculator processes (own instance ids, own empty state directories) start; on
-  their first assignment they restore their partitions from the changelog; once each
-  owns three partitions, active and ready, one of them is killed with SIGKILL. The one
-  killed is chosen so that the survivor never held its partitions (a survivor that once
-  did, e.g. because it was alone in the group for a moment, would catch up from its
-  local store and restore next to nothing);
+* two calculator processes (``CALCULATOR_STANDBY_REPLICAS=0``, own instance ids, own empty
+  state directories) start; on their first assignment they restore their partitions from
+  the changelog; once each owns three partitions, active and ready, one of them is killed
+  with SIGKILL. The one killed is chosen so that the survivor never held its partitions (a
+  survivor that once did, e.g. because it was alone in the group for a moment, would catch
+  up from its local store and restore next to nothing);
 * **detection**: from the kill to the survivor's ``/metadata`` showing the dead one's
   partitions as its own (restoring or active), polled every 20 ms;
 * **failover**: from the kill to all six partitions ``active`` on the survivor;
@@ -167,9 +180,11 @@ def fill(bootstrap: str, keys: list[Key], per_key: int) -> dict[Key, int]:
     return expected
 
 
-def build_changelog(bootstrap: str, state: Path, records: int, group: str) -> None:
+def build_changelog(bootstrap: str, state: Path, records: int, group: str, **extra: str) -> None:
     """One calculator (alone in ``group``) drains the inputs into the changelog, stops."""
-    env = calculator_env(bootstrap, state, group, f"{group}-build", free_port(), LOG_LEVEL="INFO")
+    env = calculator_env(
+        bootstrap, state, group, f"{group}-build", free_port(), LOG_LEVEL="INFO", **extra
+    )
     calculator = Calculator(0, int(env["CALCULATOR_PORT"]), env, state / "logs")
     started = time.perf_counter()
     try:
@@ -312,15 +327,19 @@ def _changelog(run: str) -> str:
     return changelog_topic(_group(run)).name
 
 
-def start_pair(bootstrap: str, state: Path, run: str, number: int) -> list[Calculator]:
+def start_pair(
+    bootstrap: str, state: Path, run: str, number: int | str, **extra: str
+) -> list[Calculator]:
     """Two calculators of the run's group, started at once (so that they most likely join
-    the group's rebalance together)."""
+    the group's rebalance together), with the settings ``extra`` on top."""
     group = _group(run)
     log_dir = logs_dir() / "calculator_failover"
     calculators = []
     for index, letter in enumerate("ab"):
         name, port = f"failover-{run}-{number}{letter}", free_port()
-        env = calculator_env(bootstrap, state / letter, group, name, port, LOG_LEVEL="INFO")
+        env = calculator_env(
+            bootstrap, state / letter, group, name, port, LOG_LEVEL="INFO", **extra
+        )
         calculators.append(Calculator(index, port, env, log_dir / f"{run}-{number}{letter}"))
     with ThreadPoolExecutor(2) as pool:
         for started in [pool.submit(c.start) for c in calculators]:
@@ -332,7 +351,9 @@ def trial(
     bootstrap: str, state: Path, run: str, number: int, expected: dict[Key, int], sample: int
 ) -> Trial:
     """One kill -9 of one of two fresh calculators; its figures (verification untimed)."""
-    calculators = start_pair(bootstrap, state, run, number)
+    # Without standby replicas: the survivor restores the dead one's partitions from the
+    # changelog alone (with one, it would have followed them all along).
+    calculators = start_pair(bootstrap, state, run, number, CALCULATOR_STANDBY_REPLICAS="0")
     try:
         wait_for_assignment(calculators, timeout=180)
         owned = {c.instance_id: c.partitions() for c in calculators}
@@ -401,8 +422,9 @@ def report(trials: list[Trial], session_timeout: float) -> None:
     failover_verdict = "met" if failover <= FAILOVER_TARGET_SECONDS else "NOT met"
     ratio_verdict = "met" if ratio >= RESTORE_RATIO_TARGET else "NOT met"
     print(
-        f"\n{len(trials)} trial(s); session timeout {session_timeout:g} s "
-        f"(CALCULATOR_SESSION_TIMEOUT_SECONDS)"
+        f"\nrestore from the changelog alone (CALCULATOR_STANDBY_REPLICAS=0): "
+        f"{len(trials)} trial(s); session timeout {session_timeout:g} s "
+        f"(CALCULATOR_SESSION_TIMEOUT_SECONDS, the default)"
     )
     print(f"{'':<44}{'median':>11}{'min':>11}{'max':>11}  target")
     print(_row("detection: kill -> reassigned (s)", [t.detection for t in trials], "s"))
@@ -430,37 +452,101 @@ def report(trials: list[Trial], session_timeout: float) -> None:
 
 
 def main() -> None:
-    """Fill, build the changelog, run the trials, print the table."""
+    """Fill, build the changelog, run the trials of each section, print the tables."""
+    from benchmarks import calculator_standby  # it imports this module's helpers
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, help="keys written (default 100,000; quick 5,000)")
     parser.add_argument("--per-key", type=int, default=3, help="adjustments per key")
-    parser.add_argument("--trials", type=int, help="kill -9 trials (default 5; quick 2)")
+    parser.add_argument("--trials", type=int, help="kill -9 trials a section (default 5; quick 2)")
     parser.add_argument(
         "--sample", type=int, default=2_000, help="keys of the moved partitions read by GET"
     )
+    parser.add_argument(
+        "--sections",
+        default="restore,standby",
+        help="restore (no standby replica), standby (one), or both (the default)",
+    )
+    parser.add_argument(
+        "--session-timeout",
+        type=float,
+        default=1.0,
+        help="CALCULATOR_SESSION_TIMEOUT_SECONDS of the standby section (default 1; "
+        "the restore section keeps the calculator's default)",
+    )
+    parser.add_argument(
+        "--fresh-sample",
+        type=int,
+        default=150,
+        help="keys of the dead one polled with fresh=true in the standby section",
+    )
+    parser.add_argument(
+        "--plain-sample", type=int, default=30, help="of those, also polled by a plain GET"
+    )
+    parser.add_argument("--poll-ms", type=float, default=30, help="polling interval (ms)")
     parser.add_argument("--quick", action="store_true", help="a small, short run")
     args = parser.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections <= {"restore", "standby"}:
+        parser.error(f"unknown section(s): {sorted(sections - {'restore', 'standby'})}")
     keys = args.keys or (5_000 if args.quick else 100_000)
     trials = args.trials or (2 if args.quick else 5)
     sample = min(args.sample, 200) if args.quick else args.sample
     run = uuid.uuid4().hex[:6]
+    results: list[Trial] = []
+    standby_results: list[calculator_standby.StandbyTrial] = []
     with ExitStack() as stack:
         bootstrap = infra.kafka(stack)
         ensure_topics(AdminClient({"bootstrap.servers": bootstrap}), PARTITIONS)
         state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         expected = fill(bootstrap, the_keys(keys), args.per_key)
-        build_changelog(bootstrap, state / "build", keys * args.per_key, _group(run))
-        records, _ = raw_consume(bootstrap, _changelog(run), list(range(PARTITIONS)))
-        print(
-            f"  the changelog holds {records:,} records for {keys:,} keys "
-            f"({records / keys:.1f} a key)"
-        )
-        results = [
-            trial(bootstrap, state / f"trial-{n}", run, n, expected, sample)
-            for n in range(1, trials + 1)
-        ]
-    report(results, CalculatorSettings().calculator_session_timeout_seconds)
-    if any(t.wrong for t in results):
+        if "restore" in sections:
+            build_changelog(bootstrap, state / "build", keys * args.per_key, _group(run))
+            records, _ = raw_consume(bootstrap, _changelog(run), list(range(PARTITIONS)))
+            print(
+                f"  the changelog holds {records:,} records for {keys:,} keys "
+                f"({records / keys:.1f} a key)"
+            )
+            print("restore from the changelog alone (CALCULATOR_STANDBY_REPLICAS=0):", flush=True)
+            results = [
+                trial(bootstrap, state / f"trial-{n}", run, n, expected, sample)
+                for n in range(1, trials + 1)
+            ]
+        if "standby" in sections:
+            print(
+                f"one standby replica (CALCULATOR_STANDBY_REPLICAS=1), session timeout "
+                f"{args.session_timeout:g} s:",
+                flush=True,
+            )
+            # A group of its own, which no member ever joined with another session
+            # timeout: the embedded broker keeps the session timeout of a group's first
+            # members (later members asking 1 s were still dropped after 3 s), so the
+            # changelog is built again in this group, with this section's timeout.
+            standby_run = f"{run}-sb"
+            timeout = {"CALCULATOR_SESSION_TIMEOUT_SECONDS": f"{args.session_timeout:g}"}
+            build_changelog(
+                bootstrap, state / "build-sb", keys * args.per_key, _group(standby_run), **timeout
+            )
+            standby_results = [
+                calculator_standby.trial(
+                    bootstrap,
+                    state / f"standby-{n}",
+                    standby_run,
+                    n,
+                    expected,
+                    session_timeout=args.session_timeout,
+                    fresh_sample=args.fresh_sample,
+                    plain_sample=args.plain_sample,
+                    verify_sample=sample,
+                    poll=args.poll_ms / 1000,
+                )
+                for n in range(1, trials + 1)
+            ]
+    if results:
+        report(results, CalculatorSettings().calculator_session_timeout_seconds)
+    if standby_results:
+        calculator_standby.report(standby_results, args.session_timeout, args.poll_ms / 1000)
+    if any(t.wrong for t in results) or any(t.wrong for t in standby_results):
         sys.exit(1)
 
 
