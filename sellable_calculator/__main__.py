@@ -487,14 +487,7 @@ def _run_assignment(runtime: CalculatorRuntime, run: Generation, loop: _Assignme
     metrics.assigned_partitions.labels("active").set(len(kept))
     runtime.health.expect_only((topic, p) for topic in INPUT_TOPICS for p in partitions)
     _discard_state_from_other_topics(runtime, partitions, loop.checked)
-    states = restore(
-        settings,
-        runtime.store,
-        partitions,
-        runtime.partition_of,
-        stop,
-        metrics,
-    )
+    states = restore(settings, runtime.store, partitions, stop, metrics)
     if states is None:
         log.info("assignment %s revoked while restoring", list(partitions))
         return

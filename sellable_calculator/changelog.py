@@ -26,7 +26,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -119,9 +119,9 @@ class RestoreReport:
 
     partition: int
     from_offset: int
+    """The changelog offset the local store reflected (0: an empty store)."""
     records: int = 0
     seconds: float = 0.0
-    local_keys: int = 0
 
 
 _RESTORE_BATCH = 10_000
@@ -132,13 +132,14 @@ def restore(
     settings: CalculatorSettings,
     store: SellableStore,
     partitions: Collection[int],
-    partition_of: Callable[[bytes], int],
     stop: threading.Event,
     metrics: CalculatorMetrics | None = None,
 ) -> dict[int, PartitionState] | None:
-    """The state of ``partitions``: the local store's, brought up to the end of the
-    changelog. None when ``stop`` was set meanwhile (the assignment was revoked)."""
-    local = store.states(partitions, partition_of) if partitions else {}
+    """Bring the local store's state of ``partitions`` up to the end of the changelog;
+    per partition, the key states the changelog brought (the others are in the store,
+    :class:`~sellable_calculator.dataflow.PartitionSums` reads them when their key comes)
+    and the input positions to resume from. None when ``stop`` was set meanwhile (the
+    assignment was revoked)."""
     stored = store.positions()
     result: dict[int, PartitionState] = {}
     consumer = _changelog_consumer(settings)
@@ -149,7 +150,7 @@ def restore(
                 for kind in (ADJUSTMENT, RESERVATION)
                 if (INPUT_TOPICS[kind], partition) in stored
             }
-            state = PartitionState(local[partition], applied)
+            state = PartitionState({}, applied)
             report = _catch_up(consumer, settings.changelog_topic, store, partition, state, stop)
             if report is None:
                 return None
@@ -189,7 +190,7 @@ def _catch_up(
     """Apply the changelog of ``partition`` after the offset the store reflects."""
     started = time.monotonic()
     start = store.changelog_position(partition)
-    report = RestoreReport(partition, start, local_keys=len(state.states))
+    report = RestoreReport(partition, start)
     tp = TopicPartition(topic, partition)
     _, end = consumer.get_watermark_offsets(tp, timeout=10)
     if end <= start:  # nothing after what the store reflects
@@ -246,23 +247,23 @@ def _catch_up(
 
 
 def _log_restore(report: RestoreReport, keys: int) -> None:
+    """One line per partition restored; ``keys``: how many keys the records brought."""
     if report.records == 0:
         log.info(
-            "partition %d: local state is current (%d key(s), changelog offset %d)",
+            "partition %d: local state is current (changelog offset %d)",
             report.partition,
-            keys,
             report.from_offset,
         )
         return
     rate = report.records / report.seconds if report.seconds > 0 else float("inf")
     log.info(
         "partition %d: restored %d changelog record(s) from offset %d in %.2f s "
-        "(%.0f records/s) on top of %d local key(s): %d key(s)",
+        "(%.0f records/s) %s: %d key(s)",
         report.partition,
         report.records,
         report.from_offset,
         report.seconds,
         rate,
-        report.local_keys,
+        "on top of the local store" if report.from_offset else "into an empty store",
         keys,
     )

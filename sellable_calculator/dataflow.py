@@ -3,7 +3,7 @@
 Example (what ``python -m sellable_calculator`` does for each assignment of partitions)::
 
     from bytewax.run import cli_main
-    states = restore(settings, store, partitions, partition_of, stop)
+    states = restore(settings, store, partitions, stop)
     flow = build_dataflow(settings, Generation(partitions, states, stop, generation), store,
                           progress, metrics, DataflowHealth())
     cli_main(flow, workers_per_process=1)      # returns once ``stop`` is set
@@ -374,10 +374,18 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
     (:mod:`sellable_calculator.changelog`).
     """
 
-    def __init__(self, restored: dict[int, PartitionState]) -> None:
+    def __init__(
+        self,
+        restored: dict[int, PartitionState],
+        load: Callable[[bytes], KeyState | None] = lambda key: None,
+    ) -> None:
         """Sums that take their partition's state from ``restored`` on the first batch
-        (Bytewax builds the logic before it says which key it is for)."""
+        (Bytewax builds the logic before it says which key it is for), and the state of
+        a key that is not there from ``load`` (the local store) the first time it comes:
+        a restore then only reads the changelog records the store does not have, rather
+        than every key of the partition into memory."""
         self._restored = restored
+        self._load = load
         self._states: dict[bytes, KeyState] = {}
         self._applied: dict[int, int] = {}
         self._partition: int | None = None
@@ -412,14 +420,15 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
 
     def _apply(self, values: list[MutationBatch]) -> set[bytes]:
         """Add the batches to the states; the keys that changed."""
-        states = self._states
+        states, load = self._states, self._load
         changed: set[bytes] = set()
         for batch in values:
             adjusting = batch.kind == ADJUSTMENT
             for key, count, event_time, offset in batch.mutations:
-                on_hand, reserved, exists, updated_at, adjustments, reservations = states.get(
-                    key, NO_STATE
-                )
+                state = states.get(key)
+                if state is None:
+                    state = load(key) or NO_STATE
+                on_hand, reserved, exists, updated_at, adjustments, reservations = state
                 if offset < (adjustments if adjusting else reservations):
                     continue  # already in the key's restored state
                 if adjusting:
@@ -694,6 +703,6 @@ def build_dataflow(
     source = MutationSource(settings, generation, metrics, health)
     batches = op.input("mutations", flow, source)
     states = generation.states
-    updates = op.stateful_batch("sums", batches, lambda _resume: PartitionSums(states))
+    updates = op.stateful_batch("sums", batches, lambda _resume: PartitionSums(states, store.state))
     op.output("sellable", updates, SellableSink(settings, generation, store, progress, metrics))
     return flow

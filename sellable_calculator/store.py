@@ -171,20 +171,6 @@ class SellableStore:
             if not key.startswith(b"\x00") and data[32] and owns(key)
         )
 
-    def states(
-        self, partitions: Collection[int], partition_of: Callable[[bytes], int]
-    ) -> dict[int, dict[bytes, KeyState]]:
-        """Every stored key state of ``partitions``, per partition (a full scan)."""
-        result: dict[int, dict[bytes, KeyState]] = {p: {} for p in partitions}
-        from_bytes = KeyState.from_bytes
-        for key, data in self._db.items():
-            if key.startswith(b"\x00"):
-                continue
-            states = result.get(partition_of(key))
-            if states is not None:
-                states[key] = from_bytes(data)
-        return result
-
     def forget(self, partitions: Collection[int], partition_of: Callable[[bytes], int]) -> int:
         """Delete every key state and position of ``partitions`` (a full scan); how many
         keys. For partitions whose local state can no longer be trusted to match the

@@ -385,11 +385,11 @@ def test_an_instance_killed_and_replaced_by_one_on_an_empty_disk_is_exact(group:
     assert replacement.partitions(), "the replacement owns nothing"
     restores = re.findall(
         r"partition \d+: restored \d+ changelog record\(s\) from offset (\d+) .* "
-        r"on top of (\d+) local key\(s\)",
+        r"into an empty store",
         last_run_log(replacement),
     )
     assert restores, logs([replacement])
-    assert all(start == "0" and local == "0" for start, local in restores), restores
+    assert all(start == "0" for start in restores), restores
     writer.wait_rounds(10)
     expected = writer.stop()
     wait_exact([survivor, replacement], location, expected)
@@ -500,24 +500,22 @@ def test_rolling_restart_under_load_answers_only_possible_values_and_ends_exact(
     assert not impossible, f"impossible answers: {impossible}{logs(calculators)}"
 
 
-def _restored_per_partition(calculator: Calculator) -> dict[int, tuple[int, int, int]]:
-    """``{partition: (records restored, from offset, local keys)}`` from the log of the
-    calculator's current process (the last restore of each partition)."""
+def _restored_per_partition(calculator: Calculator) -> dict[int, tuple[int, int]]:
+    """``{partition: (records restored, from changelog offset)}`` from the log of the
+    calculator's current process (the last restore of each partition); the offset is
+    where the local store was (0: it was empty)."""
     text = last_run_log(calculator)
-    restored: dict[int, tuple[int, int, int]] = {}
+    restored: dict[int, tuple[int, int]] = {}
     for match in re.finditer(
-        r"partition (\d+): restored (\d+) changelog record\(s\) from offset (\d+) .*? "
-        r"on top of (\d+) local key\(s\)",
-        text,
+        r"partition (\d+): restored (\d+) changelog record\(s\) from offset (\d+) ", text
     ):
-        partition, records, start, local = (int(g) for g in match.groups())
-        restored[partition] = (records, start, local)
+        partition, records, start = (int(g) for g in match.groups())
+        restored[partition] = (records, start)
     for match in re.finditer(
-        r"partition (\d+): local state is current \((\d+) key\(s\), changelog offset (\d+)\)",
-        text,
+        r"partition (\d+): local state is current \(changelog offset (\d+)\)", text
     ):
-        partition, local, start = (int(g) for g in match.groups())
-        restored[partition] = (0, start, local)
+        partition, start = (int(g) for g in match.groups())
+        restored[partition] = (0, start)
     return restored
 
 
@@ -573,10 +571,10 @@ def test_a_restart_on_its_own_disk_restores_less_than_a_takeover_on_an_empty_one
     # key at most), on top of the keys it had.
     assert 1 <= from_local <= len(written_meanwhile), local_restores
     with_keys = {partition_of(location, sku) for sku in skus} & set(partitions)
-    assert all(local_restores[p][2] > 0 for p in with_keys), local_restores
+    assert all(local_restores[p][1] > 0 for p in with_keys), local_restores
     # On an empty disk: the whole changelog of the partitions, at least a record per key.
     assert from_changelog >= len(written_meanwhile), fresh_restores
-    assert all(start == 0 and local == 0 for _, start, local in fresh_restores.values())
+    assert all(start == 0 for _, start in fresh_restores.values())
     assert from_local < from_changelog
 
 
@@ -662,7 +660,7 @@ def test_standbys_answer_honestly_while_the_owner_is_down_and_take_its_partition
         taken = [p for p in victim_partitions if new_owners[p] == survivor.instance_id]
         restores = _restored_per_partition(survivor)
         for partition in taken:
-            records, start, _ = restores[partition]
+            records, start = restores[partition]
             assert start > 0, f"partition {partition} was restored from offset 0: {restores}"
             print(f"partition {partition}: {records} record(s) restored from offset {start}")
 
