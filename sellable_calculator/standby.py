@@ -165,6 +165,9 @@ class StandbyReplicas:
         """Held while records are applied and while partitions are handed over."""
         self._followed: dict[int, _Followed] = {}
         self._excluded: frozenset[int] = frozenset()
+        self._released: frozenset[int] = frozenset()
+        """Partitions the last assignment took away from this instance, whose store was
+        current when their dataflow stopped: followed as warm at once."""
         self._handed_over: dict[int, int] = {}
         """Warm partitions handed over to this instance's own assignment, with their lag
         then: answered as a standby until they are active here."""
@@ -197,12 +200,18 @@ class StandbyReplicas:
         so that their restore starts from what the store holds. Warm ones still answer
         as a standby until :meth:`activated`."""
         with self._lock:
+            released = self._excluded - frozenset(partitions)
             self._excluded = frozenset(partitions)
             self._handed_over = {
                 p: f.lag for p, f in self._followed.items() if p in self._excluded and f.warm
             }
             for partition in self._excluded:
                 self._followed.pop(partition, None)
+            # They ran here until now and their dataflow has stopped: the store holds
+            # everything this instance published, so they are warm at once, while their
+            # new owner takes them over. (A partition whose local state was deleted,
+            # given up while silent, has no changelog position: not warm.)
+            self._released = frozenset(p for p in released if self._store.changelog_position(p) > 0)
             self._seen_version = -1  # place again
         # Not advertised from here: the assignment loop advertises its entry next.
         self._routing.change_me(
@@ -299,7 +308,7 @@ class StandbyReplicas:
             # A partition nobody claims right now (its dead owner came back and advertised
             # an empty assignment, or the group is between assignments) keeps the standby
             # it has: that is when its answers matter most.
-            unclaimed = {p for p in self._followed if p not in owners}
+            unclaimed = {p for p in self._followed.keys() | self._released if p not in owners}
             self._placed = placed | unclaimed
         return self._placed - self._excluded
 
@@ -310,19 +319,25 @@ class StandbyReplicas:
                 del self._followed[partition]
             for partition in wanted - set(self._followed):
                 start = self._store.changelog_position(partition)
-                applied = {
-                    kind: offset
-                    for kind, topic in enumerate(INPUT_TOPICS)
-                    if (offset := self._store.positions().get((topic, partition))) is not None
-                }
-                reader = ChangelogReader(PartitionState({}, applied), keep_states=False)
-                self._followed[partition] = _Followed(reader, start)
+                warm = partition in self._released
+                self._followed[partition] = self._new_followed(partition, start, warm)
             followed = sorted(self._followed.items())
         if followed:
             consumer.assign([TopicPartition(self._topic, p, f.next_offset) for p, f in followed])
         else:
             consumer.unassign()
         log.info("following the changelog of partitions %s as a standby", [p for p, _ in followed])
+
+    def _new_followed(self, partition: int, start: int, warm: bool) -> _Followed:
+        """Follow ``partition`` from changelog offset ``start``, where the store is."""
+        positions = self._store.positions()
+        applied = {
+            kind: positions[(topic, partition)]
+            for kind, topic in enumerate(INPUT_TOPICS)
+            if (topic, partition) in positions
+        }
+        reader = ChangelogReader(PartitionState({}, applied), keep_states=False)
+        return _Followed(reader, start, end=start, warm=warm)
 
     def _apply(self, consumer: Consumer, messages: Iterable[Message]) -> None:
         """Apply ``messages`` to the store, per partition in one batch (lock held)."""
