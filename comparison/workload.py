@@ -162,6 +162,7 @@ class Workload:
         # benchmark reaches the instances at.
         instance_ids = [await self._instance_id(url) for url in self.endpoints.calculators]
         self.instance_ids = instance_ids
+        await self._wait_settled()
         keys = []
         for i in range(self.options.keys):
             location = f"CMP-{run}-L{i % self.options.locations}"
@@ -174,6 +175,32 @@ class Workload:
                 )
             keys.append(Key(location, sku, instance_ids.index(owner)))
         return keys
+
+    async def _wait_settled(self, seconds: float = 60) -> None:
+        """Wait until every calculator's routing table shows every partition active, all
+        tables the same: a calculator just
+        started may own everything for a moment, until the others join its group, and
+        keys matched to owners then would be read from the wrong instance."""
+        deadline = time.monotonic() + seconds
+        while True:
+            views = []
+            for base in self.endpoints.calculators:
+                try:
+                    async with self.session.get(f"{base}/metadata") as response:
+                        partitions = (await response.json())["partitions"]
+                    views.append([(p["owner"], p["state"]) for p in partitions])
+                except (aiohttp.ClientError, ValueError, KeyError):
+                    views.append([])
+            first = views[0]
+            if (
+                first
+                and all(view == first for view in views)
+                and all(owner is not None and state == "active" for owner, state in first)
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the calculators did not settle within {seconds:g} s")
+            await asyncio.sleep(0.2)
 
     async def _instance_id(self, base: str) -> str:
         async with self.session.get(f"{base}/metadata") as response:
@@ -369,8 +396,13 @@ class Workload:
         if self.kill is None:
             self.measurements.failover = skipped(self.no_kill_reason)
             return
-        # Every key exact on every path first: the phase's model starts from there.
+        # Every key exact on every path first: the phase's model starts from there. And
+        # the owners as they are now: calculator-local must ask the instance that owns
+        # each key when the kill comes.
         await self._wait_agree(keys, "failover: settling", 60)
+        await self._wait_settled()
+        for key in keys:
+            key.owner = self.instance_ids.index(await self._owner(key.location, key.sku))
         phase = FailoverPhase(self, keys, self.kill)
         try:
             self.measurements.failover = await phase.run()
