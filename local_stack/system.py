@@ -28,6 +28,9 @@ from local_stack.cassandra import distribution_dir, ensure_cassandra_distributio
 from local_stack.paths import services_file
 from local_stack.process import ManagedProcess, free_port
 from local_stack.testing import WaitTimeout, wait_until
+from sellable_calculator.settings import CalculatorSettings
+
+DEFAULT_CALCULATOR_PORT: int = CalculatorSettings.model_fields["calculator_port"].default
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ def _started_services(home: Path, env: dict[str, str]) -> dict[str, ServiceProce
 
 
 def calculator_process(port: int) -> ServiceProcess:
-    """The calculator process whose ``CALCULATOR_PORT`` is ``port``, found by scanning
+    """The calculator process that listens on ``port`` (``--port``, or else
+    ``CALCULATOR_PORT``), found by scanning
     Linux's ``/proc``: for a system started elsewhere (:func:`started_system` has them in
     :attr:`RunningSystem.services`)."""
     for proc in Path("/proc").iterdir():
@@ -175,8 +179,15 @@ def calculator_process(port: int) -> ServiceProcess:
                 for item in (proc / "environ").read_bytes().decode().split("\0")
                 if "=" in item
             )
-            if environ.get("CALCULATOR_PORT") == str(port) and not _gone(int(proc.name)):
-                argv = [part.decode() for part in cmdline if part]
+            argv = [part.decode() for part in cmdline if part]
+            # The last of --port N / --port=N wins over CALCULATOR_PORT, as argparse has it.
+            given = environ.get("CALCULATOR_PORT", str(DEFAULT_CALCULATOR_PORT))
+            for i, arg in enumerate(argv):
+                if arg == "--port" and i + 1 < len(argv):
+                    given = argv[i + 1]
+                elif arg.startswith("--port="):
+                    given = arg.partition("=")[2]
+            if given == str(port) and not _gone(int(proc.name)):
                 return ServiceProcess(int(proc.name), argv, environ, (proc / "cwd").resolve())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue

@@ -23,6 +23,7 @@ from local_stack.process import (
     port_in_use,
     require_free_port,
 )
+from local_stack.system import calculator_process
 from local_stack.testing import wait_until
 from local_stack.tests._util import children, command_name, gone
 
@@ -174,3 +175,23 @@ def test_the_stack_stops_in_reverse_order_and_past_a_failing_stop(
     assert stopped == ["calculator-0", "cassandra", "broker"]
     assert "stopping cassandra failed: still running" in caplog.text
     assert "stopping broker" in caplog.text
+
+
+def test_a_calculator_process_is_found_by_its_port_option_or_its_environment() -> None:
+    script = "import time; time.sleep(30)"
+    by_option = subprocess.Popen(
+        [sys.executable, "-c", script, "sellable_calculator", "--port", "59871"]
+    )
+    by_env = subprocess.Popen(
+        [sys.executable, "-c", script, "sellable_calculator"],
+        env={**os.environ, "CALCULATOR_PORT": "59872"},
+    )
+    try:
+        assert calculator_process(59871).pid == by_option.pid
+        assert calculator_process(59872).pid == by_env.pid
+        with pytest.raises(LookupError):
+            calculator_process(59873)
+    finally:
+        for process in (by_option, by_env):
+            process.kill()
+            process.wait()
