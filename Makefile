@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# make compare's charts and progress bars (the compare extra): only the targets that run
-# the comparison install it (make test runs a short one).
+# make compare's charts, progress bars and aiohttp load generator (the compare extra):
+# only the targets that need it install it (make test runs a short comparison).
 $(COMPARE_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[embedded,dev,compare]"
 	@touch $@
@@ -69,7 +69,7 @@ bench-calculator: fetch wrk
 # kill -9 of one of two calculators: detection, failover, restore against a raw consume
 # (no standby replica); then with one standby, kill -9 -> the dead one's keys answered fresh.
 # FAILOVER_ARGS="--quick", "--sections standby --session-timeout 3" etc.
-bench-failover: fetch
+bench-failover: fetch $(COMPARE_STAMP)
 	$(PY) -m benchmarks.calculator_failover $(FAILOVER_ARGS)
 
 bench-mutator: fetch wrk

@@ -39,10 +39,12 @@ import random
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import aiohttp
 import httpx
 
 from benchmarks.calculator_failover import Key, _changelog, raw_consume, start_pair, verify
@@ -116,6 +118,15 @@ def standby_warm(survivor: Calculator, moved: list[int]) -> bool:
     return set(moved) <= warm
 
 
+class _Answer(NamedTuple):
+    """One HTTP answer, read in full."""
+
+    status: int
+    headers: Mapping[str, str]
+    """Case-insensitive (aiohttp's)."""
+    body: Any
+
+
 def _path(key: Key) -> str:
     return f"/inventory/locations/{key.location}/skus/{key.sku}"
 
@@ -136,13 +147,23 @@ async def watch(
     by_partition: dict[int, list[Key]] = {}
     for key in sample:
         by_partition.setdefault(key.partition, []).append(key)
-    limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
-    async with httpx.AsyncClient(base_url=survivor.url, timeout=5, limits=limits) as client:
+    # aiohttp, not httpx: a round of ~180 GETs through httpx took about 1 s of the load
+    # generator's own time, as long as the takeover it was to time.
+    connector = aiohttp.TCPConnector(limit=64)
+    timeout_5s = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(
+        survivor.url, connector=connector, timeout=timeout_5s
+    ) as session:
+
+        async def get(path: str, params: dict[str, str] | None = None) -> _Answer:
+            async with session.get(path, params=params) as response:
+                body = await response.json(content_type=None)
+                return _Answer(response.status, response.headers, body)
 
         async def metadata(started: float) -> None:
             try:
-                partitions = (await client.get("/metadata")).json()["partitions"]
-            except (httpx.HTTPError, ValueError, KeyError):
+                partitions = (await get("/metadata")).body["partitions"]
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
                 return
             elapsed = time.perf_counter() - started
             mine = {
@@ -155,17 +176,17 @@ async def watch(
 
         async def fresh_get(key: Key) -> None:
             try:
-                answer = await client.get(_path(key), params={"fresh": "true"})
-            except httpx.HTTPError:
+                answer = await get(_path(key), {"fresh": "true"})
+            except (aiohttp.ClientError, TimeoutError, ValueError):
                 window.errors += 1
                 return
-            if answer.status_code == 503:
+            if answer.status == 503:
                 window.fresh_refused += 1
                 return
-            got = answer.json().get("count") if answer.status_code == 200 else None
-            if answer.status_code != 200 or "x-replica" in answer.headers:
+            got = answer.body.get("count") if answer.status == 200 else None
+            if answer.status != 200 or "x-replica" in answer.headers:
                 window.wrong.append(
-                    f"GET {key.location}/{key.sku}?fresh=true: {answer.status_code} "
+                    f"GET {key.location}/{key.sku}?fresh=true: {answer.status} "
                     f"X-Replica={answer.headers.get('x-replica')} count={got}"
                 )
             elif got != expected[key]:
@@ -180,20 +201,20 @@ async def watch(
 
         async def plain_get(key: Key) -> None:
             try:
-                answer = await client.get(_path(key))
-            except httpx.HTTPError:
+                answer = await get(_path(key))
+            except (aiohttp.ClientError, TimeoutError, ValueError):
                 window.errors += 1
                 return
-            got = answer.json().get("count") if answer.status_code == 200 else None
-            if answer.status_code == 503:
+            got = answer.body.get("count") if answer.status == 200 else None
+            if answer.status == 503:
                 window.unavailable_503 += 1
-            elif answer.status_code == 200 and answer.headers.get("x-replica") == "standby":
+            elif answer.status == 200 and answer.headers.get("x-replica") == "standby":
                 window.stale_200 += 1
-            elif answer.status_code == 200:
+            elif answer.status == 200:
                 window.owner_200 += 1
             else:
                 window.other += 1
-            if answer.status_code == 200 and got != expected[key]:
+            if answer.status == 200 and got != expected[key]:
                 window.wrong.append(
                     f"GET {key.location}/{key.sku}: {got} "
                     f"(X-Replica={answer.headers.get('x-replica')}), expected {expected[key]}"
@@ -202,7 +223,7 @@ async def watch(
         answered: list[float] = []
         """When each sampled key's first fresh answer arrived."""
         # Open the connections before the kill, so that the first round is not slower.
-        await asyncio.gather(*(client.get("/health/live") for _ in range(16)))
+        await asyncio.gather(*(get("/health/live") for _ in range(16)))
         kill()
         started = time.perf_counter()
         rounds = 0
