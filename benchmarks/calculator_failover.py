@@ -403,16 +403,22 @@ def trial(
         )
         return result
     finally:
-        for calculator in calculators:
-            if calculator.process is not None:
-                calculator.process.stop()
-            calculator.client.close()
+        stop_all(calculators)
 
 
-def _row(name: str, values: list[float], unit: str, target: str = "") -> str:
-    fmt = "{:>11.2f}" if unit == "s" else "{:>11,.0f}" if unit == "/s" else "{:>11.2f}"
-    cells = "".join(fmt.format(v) for v in (statistics.median(values), min(values), max(values)))
-    return f"{name:<44}{cells}  {target}"
+def stop_all(calculators: list[Calculator]) -> None:
+    """Stop a trial's calculators and close their clients."""
+    for calculator in calculators:
+        if calculator.process is not None:
+            calculator.process.stop()
+        calculator.client.close()
+
+
+def row(name: str, values: list[float], fmt: str, target: str = "", width: int = 44) -> str:
+    """One line of a report table: ``name``, then the median, min and max of ``values``
+    formatted with ``fmt`` (``".2f"``, ``",.0f"``), then ``target``."""
+    cells = "".join(f"{v:>11{fmt}}" for v in (statistics.median(values), min(values), max(values)))
+    return f"{name:<{width}}{cells}  {target}"
 
 
 def report(trials: list[Trial], session_timeout: float) -> None:
@@ -427,23 +433,23 @@ def report(trials: list[Trial], session_timeout: float) -> None:
         f"(CALCULATOR_SESSION_TIMEOUT_SECONDS, the default)"
     )
     print(f"{'':<44}{'median':>11}{'min':>11}{'max':>11}  target")
-    print(_row("detection: kill -> reassigned (s)", [t.detection for t in trials], "s"))
+    print(row("detection: kill -> reassigned (s)", [t.detection for t in trials], ".2f"))
     print(
-        _row(
+        row(
             "failover: kill -> 6 partitions active (s)",
             [t.failover for t in trials],
-            "s",
+            ".2f",
             f"<= {FAILOVER_TARGET_SECONDS:g} s: {failover_verdict}",
         )
     )
-    print(_row("restore from the changelog (records/s)", [t.restore_rate for t in trials], "/s"))
-    print(_row("restore from the changelog (keys/s)", [t.restore_keys_rate for t in trials], "/s"))
-    print(_row("raw consume, same partitions (records/s)", [t.raw_rate for t in trials], "/s"))
+    print(row("restore from the changelog (records/s)", [t.restore_rate for t in trials], ",.0f"))
+    print(row("restore from the changelog (keys/s)", [t.restore_keys_rate for t in trials], ",.0f"))
+    print(row("raw consume, same partitions (records/s)", [t.raw_rate for t in trials], ",.0f"))
     print(
-        _row(
+        row(
             "ratio restore/raw (records/s)",
             [t.ratio for t in trials],
-            "",
+            ".2f",
             f">= {RESTORE_RATIO_TARGET:g}: {ratio_verdict}",
         )
     )

@@ -47,7 +47,15 @@ from typing import Any, NamedTuple
 import aiohttp
 import httpx
 
-from benchmarks.calculator_failover import Key, _changelog, raw_consume, start_pair, verify
+from benchmarks.calculator_failover import (
+    Key,
+    _changelog,
+    raw_consume,
+    row,
+    start_pair,
+    stop_all,
+    verify,
+)
 from local_stack.testing import wait_until
 from sellable_calculator.tests.support import PARTITIONS, Calculator, wait_for_assignment
 
@@ -386,15 +394,11 @@ def trial(
         )
         return result
     finally:
-        for calculator in calculators:
-            if calculator.process is not None:
-                calculator.process.stop()
-            calculator.client.close()
+        stop_all(calculators)
 
 
 def _row(name: str, values: list[float], fmt: str, target: str = "") -> str:
-    cells = "".join(f"{v:>11{fmt}}" for v in (statistics.median(values), min(values), max(values)))
-    return f"{name:<52}{cells}  {target}"
+    return row(name, values, fmt, target, width=52)
 
 
 def report(trials: list[StandbyTrial], session_timeout: float, poll: float) -> None:
