@@ -178,11 +178,6 @@ class StandbyReplicas:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="standby-replicas", daemon=True)
 
-    @property
-    def following(self) -> bool:
-        """Whether the thread runs."""
-        return self._thread.is_alive()
-
     def start(self) -> None:
         """Start following (nothing to follow while the replicas are 0)."""
         if self._settings.calculator_standby_replicas > 0:
