@@ -83,7 +83,18 @@ def load_schema(file_stem: str) -> AvroSchema:
 
 INVENTORY_KEY = load_schema("inventory_key")
 INVENTORY_MUTATION = load_schema("inventory_mutation")
+INVENTORY_MUTATION_V1 = load_schema("inventory_mutation_v1")
+"""InventoryMutation before ``validate`` was added: never written any more, but records
+written with it stay in the input topics forever and read as unvalidated mutations."""
 SELLABLE_INVENTORY = load_schema("sellable_inventory")
+RESERVATION_RESULT = load_schema("reservation_result")
 
-KNOWN_SCHEMAS: tuple[AvroSchema, ...] = (INVENTORY_KEY, INVENTORY_MUTATION, SELLABLE_INVENTORY)
-"""Every schema this code base writes; single-object decoding resolves writers among these."""
+KNOWN_SCHEMAS: tuple[AvroSchema, ...] = (
+    INVENTORY_KEY,
+    INVENTORY_MUTATION,
+    INVENTORY_MUTATION_V1,
+    SELLABLE_INVENTORY,
+    RESERVATION_RESULT,
+)
+"""Every schema this code base writes or wrote; single-object decoding resolves writers
+among these."""

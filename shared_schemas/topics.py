@@ -7,8 +7,9 @@ Example::
 
     ensure_topics(AdminClient({"bootstrap.servers": "127.0.0.1:9092"}), partitions=6)
 
-The two input topics and ``sellable_inventory`` are *co-partitioned*: same partition
-count, same key bytes, so partition p of each holds the same keys and one calculator
+The two input topics, ``sellable_inventory`` and ``reservation_results`` are
+*co-partitioned*: same partition count, same key bytes, so partition p of each holds the
+same keys and one calculator
 instance can join them without a shuffle. A mismatch is therefore an error, never
 something to live with.
 """
@@ -59,6 +60,13 @@ SELLABLE_INVENTORY = TopicSpec(
     "Latest sellable inventory per key (value: SellableInventory); compacted.",
     {"cleanup.policy": "compact"},
 )
+RESERVATION_RESULTS = TopicSpec(
+    "reservation_results",
+    "Decisions on validated reservations (key: location+sku, value: ReservationResult), "
+    "published by the calculator that owns the key.",
+    # A log of decisions, kept as long as the reservations they answer.
+    {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+)
 CALCULATOR_INSTANCES = TopicSpec(
     "sellable_calculator_instances",
     "Which calculator instance serves which partitions at which URL; compacted by instance id.",
@@ -70,6 +78,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     INVENTORY_ADJUSTMENTS,
     INVENTORY_RESERVATIONS,
     SELLABLE_INVENTORY,
+    RESERVATION_RESULTS,
     CALCULATOR_INSTANCES,
 )
 """The topics every service may create; each calculator group adds its changelog

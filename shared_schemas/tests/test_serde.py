@@ -8,7 +8,13 @@ import uuid
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from shared_schemas.schemas import INVENTORY_MUTATION, SELLABLE_INVENTORY, AvroSchema
+from shared_schemas.schemas import (
+    INVENTORY_MUTATION,
+    INVENTORY_MUTATION_V1,
+    RESERVATION_RESULT,
+    SELLABLE_INVENTORY,
+    AvroSchema,
+)
 from shared_schemas.serde import (
     ConfluentSerde,
     InventoryKey,
@@ -19,7 +25,12 @@ from shared_schemas.serde import (
     value_serde,
 )
 
-MUTATION = {"mutation_id": str(uuid.uuid4()), "count": -7, "event_time": 1_732_000_000_123}
+MUTATION = {
+    "mutation_id": str(uuid.uuid4()),
+    "count": -7,
+    "event_time": 1_732_000_000_123,
+    "validate": False,
+}
 
 
 def _evolved_mutation_schema() -> AvroSchema:
@@ -187,3 +198,29 @@ def test_location_prefix_starts_every_key_of_the_location_only() -> None:
     assert encode_key("STL", "").startswith(prefix)
     assert not encode_key("STLX", "1").startswith(prefix)
     assert not encode_key("ST", "L1").startswith(prefix)
+
+
+def test_records_written_before_validate_existed_read_as_unvalidated() -> None:
+    # The input topics keep every record forever: those written with the first
+    # InventoryMutation schema must still decode, as mutations nobody asked to validate.
+    v1 = {"mutation_id": str(uuid.uuid4()), "count": 10, "event_time": 1_700_000_000_000}
+    written = SingleObjectSerde(INVENTORY_MUTATION_V1).serialize(v1)
+    assert SingleObjectSerde(INVENTORY_MUTATION).deserialize(written) == {**v1, "validate": False}
+    validated = SingleObjectSerde(INVENTORY_MUTATION).serialize({**v1, "validate": True})
+    assert SingleObjectSerde(INVENTORY_MUTATION).deserialize(validated)["validate"] is True
+
+
+def test_reservation_result_round_trips() -> None:
+    result = {
+        "mutation_id": str(uuid.uuid4()),
+        "location": "STL",
+        "sku": "123123",
+        "count": 3,
+        "status": "FAILED",
+        "available": 2,
+        "reason": "3 asked, 2 sellable",
+        "reservation_offset": 41,
+        "event_time": 1_700_000_000_000,
+    }
+    serde = SingleObjectSerde(RESERVATION_RESULT)
+    assert serde.deserialize(serde.serialize(result)) == result
