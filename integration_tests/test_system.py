@@ -63,7 +63,7 @@ def test_bad_input_is_refused_and_nothing_becomes_visible(system: System) -> Non
     bad = [
         ("adjustment", {"locationId": location, "sku": "x", "count": 0}),
         ("adjustment", {"locationId": location, "sku": "x", "count": "lots"}),
-        ("reservation", {"locationId": location, "sku": "x", "count": -1}),
+        ("reservation", {"locationId": location, "sku": "x", "count": 0}),
         ("adjustment", {"locationId": " ", "sku": "x", "count": 1}),
     ]
     for kind, body in bad:

@@ -39,7 +39,11 @@ from inventory_mutator.metrics import MutatorMetrics
 
 # Re-exported: the models were defined here, and callers (the tests) import them from here.
 from inventory_mutator.mutations import Adjustment, Reservation
-from inventory_mutator.routes import MUTATION_ROUTES, add_mutation_routes
+from inventory_mutator.routes import (
+    MUTATION_ROUTES,
+    add_mutation_routes,
+    add_reservation_status_route,
+)
 from inventory_mutator.settings import MutatorSettings
 from inventory_mutator.writer import EventWriter
 from service_runtime.http import install_error_handlers, operations_router
@@ -85,6 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     request, and its producer closes after the last one, or from SIGTERM/SIGINT on."""
     writer: EventWriter = app.state.writer
     producer = await writer.open()
+    writer.decisions.follow(writer.settings)
     loop = asyncio.get_running_loop()
     shutdown_timeout = writer.settings.mutator_shutdown_timeout_seconds
     undo_signals = _on_stop_signals(
@@ -95,6 +100,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         undo_signals()
         await producer.aclose(shutdown_timeout)
+        await asyncio.to_thread(writer.decisions.stop)
 
 
 def create_app(settings: MutatorSettings) -> FastAPI:
@@ -110,6 +116,7 @@ def create_app(settings: MutatorSettings) -> FastAPI:
     app.state.writer = writer  # what the handlers share: see routes.event_writer
     install_error_handlers(app)
     add_mutation_routes(app.router, settings.mutator_max_body_bytes)
+    add_reservation_status_route(app.router)
     # After the mutation routes: routing tries routes in order, and these are the hot ones.
     app.include_router(operations_router(writer.readiness, metrics.registry))
     return app

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from shared_schemas.ids import END, ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
+from shared_schemas.reservations import ReservationAnswer
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -146,9 +147,9 @@ _ADJUSTMENT_COUNT = _count(
     'sign ("100", as the original example sends).',
 )
 _RESERVATION_COUNT = _count(
-    1,
-    "Positive 32-bit integer: a JSON integer, or a string of ASCII digits with an optional "
-    '"+" ("10", as the original example sends).',
+    INT32_MIN,
+    "Non-zero 32-bit integer, negative to release reserved units: a JSON integer, or a "
+    'string of ASCII digits with an optional sign ("10", as the original example sends).',
 )
 
 
@@ -159,7 +160,8 @@ class Adjustment(_Mutation):
 
 
 class Reservation(_Mutation):
-    """Units promised to an order: they stop being sellable."""
+    """Units promised to an order: they stop being sellable. A negative count releases
+    units reserved before (a cancelled order): they are sellable again."""
 
     count: Annotated[int, _RESERVATION_COUNT[0], _RESERVATION_COUNT[1]] = Field(examples=[10])
 
@@ -176,6 +178,23 @@ class MutationAccepted(BaseModel):
         examples=["inventory_adjustments:2:41"],
     )
     mutationId: str = Field(examples=["9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"])
+
+
+class ValidatedReservation(ReservationAnswer):
+    """The answer to ``POST /inventory/reservation?validate=true``: the decision (or
+    PENDING), where the event landed, and where to ask for the decision later."""
+
+    message: str = Field(examples=["Updated Inventory [inventory_reservations-2@41]"])
+    topic: str = Field(examples=["inventory_reservations"])
+    partition: int = Field(examples=[2])
+    offset: int = Field(examples=[41])
+    position: str = Field(examples=["inventory_reservations:2:41"])
+    url: str = Field(
+        description="Where the decision can be asked for: GET it on the mutator, any "
+        "calculator or the Cassandra service.",
+        examples=["/inventory/reservations/9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"],
+    )
+    error: str | None = Field(None, description="`insufficient_stock` on a 409 FAILED.")
 
 
 Mutation = Adjustment | Reservation

@@ -36,12 +36,26 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from inventory_mutator.decisions import pending_answer
 from inventory_mutator.idempotency import IdempotencyConflict
-from inventory_mutator.mutations import Adjustment, Mutation, MutationAccepted, Reservation
+from inventory_mutator.mutations import (
+    Adjustment,
+    Mutation,
+    MutationAccepted,
+    Reservation,
+    ValidatedReservation,
+)
 from inventory_mutator.producer import Delivered, ProduceFailed
 from inventory_mutator.writer import EventWriter
-from service_runtime.http import error_doc, error_response, validation_error_response
+from service_runtime.http import (
+    error_doc,
+    error_response,
+    invalid_mutation_id_response,
+    reservation_not_found,
+    validation_error_response,
+)
 from shared_schemas.positions import Position
+from shared_schemas.reservations import CONFIRMED, ReservationAnswer
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -135,8 +149,17 @@ async def serve_mutation(request: Request, route: MutationRoute) -> Response:
     started = time.perf_counter()
     try:
         checked = await validate(request, route.model, writer.settings.mutator_max_body_bytes)
+        asked = (
+            validation_asked(request, writer.settings.mutator_decision_wait_seconds)
+            if route is RESERVATION and request.scope.get("query_string")
+            else None
+        )
         if isinstance(checked, Response):
             response = checked
+        elif isinstance(asked, Response):
+            response = asked
+        elif asked is not None:
+            response = await accept_validated(writer, *checked, asked)
         else:
             response = await accept(writer, route.topic, *checked)
     except ClientDisconnect:
@@ -256,19 +279,37 @@ async def accept(
     writer: EventWriter, spec: TopicSpec, mutation: Mutation, idempotency_key: str | None
 ) -> Response:
     """Write ``mutation`` to ``spec``'s topic and answer 200, or the 409/503 that says why not."""
+    body = await write_or_refuse(writer, spec, mutation, idempotency_key)
+    if isinstance(body, Response):
+        return body
+    return Response(body, media_type="application/json")
+
+
+async def write_or_refuse(
+    writer: EventWriter,
+    spec: TopicSpec,
+    mutation: Mutation,
+    idempotency_key: str | None,
+    validate: bool = False,
+) -> bytes | Response:
+    """The 200 body of writing ``mutation`` (:func:`write_once`), or the 409 (key reused)
+    or 503 (not acknowledged) that says why it was not written."""
     try:
-        body = await write_once(writer, spec, mutation, idempotency_key)
+        return await write_once(writer, spec, mutation, idempotency_key, validate)
     except IdempotencyConflict as exc:
         return key_reused(exc)
     except ProduceFailed as exc:
         writer.metrics.produce_errors.labels(spec.name).inc()
         log.warning("produce to %s failed: %s", spec.name, exc)
         return unavailable(exc)
-    return Response(body, media_type="application/json")
 
 
 async def write_once(
-    writer: EventWriter, spec: TopicSpec, mutation: Mutation, idempotency_key: str | None
+    writer: EventWriter,
+    spec: TopicSpec,
+    mutation: Mutation,
+    idempotency_key: str | None,
+    validate: bool = False,
 ) -> bytes:
     """The 200 body of writing ``mutation``: written now, or, for an Idempotency-Key used
     before (per topic) for the same mutation, the first answer again.
@@ -276,26 +317,125 @@ async def write_once(
     Raises :class:`IdempotencyConflict` for a key used before for another mutation.
     """
     if idempotency_key is None:
-        return await write_and_answer(writer, spec, mutation)
+        return await write_and_answer(writer, spec, mutation, validate)
     return await writer.idempotency.run(
         f"{spec.name}:{idempotency_key}",
-        fingerprint(spec, mutation),
-        lambda: write_and_answer(writer, spec, mutation),
+        fingerprint(spec, mutation, validate),
+        lambda: write_and_answer(writer, spec, mutation, validate),
     )
 
 
-def fingerprint(spec: TopicSpec, mutation: Mutation) -> str:
+def fingerprint(spec: TopicSpec, mutation: Mutation, validate: bool = False) -> str:
     """What a request with an Idempotency-Key says, to tell a retry from another request."""
-    said = [spec.name, mutation.locationId, mutation.sku, mutation.count]
+    said: list[Any] = [spec.name, mutation.locationId, mutation.sku, mutation.count]
+    if validate:
+        said.append("validate")
     return hashlib.sha256(json.dumps(said).encode()).hexdigest()
 
 
-async def write_and_answer(writer: EventWriter, spec: TopicSpec, mutation: Mutation) -> bytes:
+async def write_and_answer(
+    writer: EventWriter, spec: TopicSpec, mutation: Mutation, validate: bool = False
+) -> bytes:
     """Write ``mutation`` as one event with a fresh mutation id; the 200 body once the
     broker acknowledged it."""
     mutation_id = str(uuid.uuid4())
-    delivered = await writer.write(spec, mutation, mutation_id)
+    delivered = await writer.write(spec, mutation, mutation_id, validate)
     return accepted_body(delivered, mutation_id)
+
+
+MAX_DECISION_WAIT_SECONDS = 30.0
+"""The longest ``?wait=`` a validated reservation may ask for."""
+
+
+def validation_asked(request: Request, default_wait: float) -> float | Response | None:
+    """For ``POST /inventory/reservation``: None unless ``?validate=true``; then how long
+    to wait for the decision (``?wait=``, else ``default_wait``); or the 422 for a bad
+    ``validate`` or ``wait``."""
+    query = request.query_params
+    validate = query.get("validate")
+    if validate is None or validate.lower() == "false":
+        return None
+    if validate.lower() != "true":
+        return _query_refused("validate", "must be true or false")
+    text = query.get("wait")
+    if text is None:
+        return default_wait
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_DECISION_WAIT_SECONDS:  # NaN fails too
+        return _query_refused(
+            "wait", f"must be a number of seconds from 0 to {MAX_DECISION_WAIT_SECONDS:g}"
+        )
+    return wait
+
+
+def _query_refused(name: str, problem: str) -> Response:
+    return error_response(
+        422, "invalid_request", f"{name}: {problem}", [{"field": name, "problem": problem}]
+    )
+
+
+async def accept_validated(
+    writer: EventWriter, mutation: Mutation, idempotency_key: str | None, wait: float
+) -> Response:
+    """Write a validated reservation and answer with its decision: 200 CONFIRMED, 409
+    FAILED, or 202 PENDING when it is not decided within ``wait`` seconds; or the 409/503
+    that says why it was not written."""
+    body = await write_or_refuse(
+        writer, RESERVATION.topic, mutation, idempotency_key, validate=True
+    )
+    if isinstance(body, Response):
+        return body
+    accepted: dict[str, Any] = json.loads(body)
+    mutation_id = accepted["mutationId"]
+    decisions = writer.decisions
+    decisions.accepted(mutation_id, mutation.locationId, mutation.sku, mutation.count)
+    result = await decisions.wait(mutation_id, wait)
+    answer = (
+        pending_answer(mutation_id, mutation.locationId, mutation.sku, mutation.count)
+        if result is None
+        else result.answer()
+    )
+    answer.update(accepted)
+    answer["url"] = f"/inventory/reservations/{mutation_id}"
+    if result is None:
+        status = 202
+        answer["message"] = (
+            f"Reservation accepted [{accepted['topic']}-{accepted['partition']}"
+            f"@{accepted['offset']}], not decided within {wait:g} s: ask {answer['url']}"
+        )
+    elif result.status == CONFIRMED:
+        status = 200
+    else:
+        status = 409
+        answer["error"] = "insufficient_stock"
+        answer["message"] = f"Reservation failed: {result.reason}"
+    return Response(
+        json.dumps(answer, separators=(",", ":")).encode(),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+async def reservation_status(request: Request) -> Response:
+    """\fThe status of a validated reservation: decided, pending (written here, not decided
+    yet), or 404."""
+    mutation_id = request.path_params["mutationId"]
+    invalid = invalid_mutation_id_response(mutation_id)
+    if invalid is not None:
+        return invalid
+    answer = event_writer(request).decisions.status(mutation_id)
+    if answer is None:
+        return reservation_not_found(
+            mutation_id,
+            "unknown here (not accepted by this mutator since it started, and not among the "
+            "decisions it remembers)",
+        )
+    return Response(
+        json.dumps(answer, separators=(",", ":")).encode(), media_type="application/json"
+    )
 
 
 def accepted_body(delivered: Delivered, mutation_id: str) -> bytes:
@@ -355,8 +495,12 @@ def add_mutation_routes(router: APIRouter, max_body_bytes: int) -> None:
     Pass the app's own router (``app.router``): an included router is matched through a
     layer of its own on every request, which costs the hot POST measurable time.
     """
-    responses = error_answers(max_body_bytes)
     for route, endpoint in ((ADJUSTMENT, adjust), (RESERVATION, reserve)):
+        responses = error_answers(max_body_bytes)
+        parameters = [IDEMPOTENCY_KEY_PARAMETER]
+        if route is RESERVATION:
+            responses.update(VALIDATED_ANSWERS)
+            parameters += VALIDATION_PARAMETERS
         router.add_api_route(
             route.path,
             endpoint,
@@ -366,7 +510,7 @@ def add_mutation_routes(router: APIRouter, max_body_bytes: int) -> None:
             summary=route.summary,
             name=route.name,
             openapi_extra={
-                "parameters": [IDEMPOTENCY_KEY_PARAMETER],
+                "parameters": parameters,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -378,6 +522,88 @@ def add_mutation_routes(router: APIRouter, max_body_bytes: int) -> None:
                 },
             },
         )
+
+
+VALIDATION_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "validate",
+        "in": "query",
+        "required": False,
+        "description": "`true`: a validated reservation. The calculator that owns the key "
+        "decides it in stream order: confirmed (and counted) if `count` is at most the "
+        "sellable units at that point, else failed (and not counted); a release (negative "
+        "`count`) is always confirmed. The answer waits for the decision: 200 CONFIRMED, "
+        "409 FAILED, or 202 PENDING with the URL to ask later.",
+        "schema": {"type": "boolean", "default": False},
+    },
+    {
+        "name": "wait",
+        "in": "query",
+        "required": False,
+        "description": "With `validate=true`: seconds to wait for the decision before the "
+        "202 (default MUTATOR_DECISION_WAIT_SECONDS).",
+        "schema": {"type": "number", "minimum": 0, "maximum": MAX_DECISION_WAIT_SECONDS},
+    },
+]
+
+VALIDATED_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Written (the event's position); with `validate=true`, also "
+        "CONFIRMED: the `ValidatedReservation` answer",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/MutationAccepted"},
+                        {"$ref": "#/components/schemas/ValidatedReservation"},
+                    ]
+                }
+            }
+        },
+    },
+    202: {
+        "model": ValidatedReservation,
+        "description": "`validate=true`: written, not decided within `wait` (status "
+        "PENDING); ask `url` (GET /inventory/reservations/{mutationId}) later",
+    },
+    409: {
+        "model": ValidatedReservation,
+        "description": "`validate=true`: FAILED, not counted (`error`: "
+        "`insufficient_stock`; `available`: the sellable units it was decided against); "
+        "or, with `error` `idempotency_key_reused`, the Idempotency-Key was used before for "
+        "another mutation and nothing was written",
+    },
+}
+
+
+def add_reservation_status_route(router: APIRouter) -> None:
+    """Add ``GET /inventory/reservations/{mutationId}`` (:func:`reservation_status`)."""
+    router.add_api_route(
+        "/inventory/reservations/{mutationId}",
+        reservation_status,
+        methods=["GET"],
+        response_model=ReservationAnswer,
+        summary="The status of a validated reservation",
+        description="CONFIRMED or FAILED once decided; PENDING for one this mutator "
+        "accepted and has not seen decided yet.",
+        responses={
+            404: error_doc(
+                "Unknown here (`not_found`): not accepted by this mutator since it started, "
+                "and not among the decisions it remembers (MUTATOR_RESULTS_MAX)"
+            ),
+            422: error_doc("`mutationId` is not a UUID (`invalid_request`)"),
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "mutationId",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "format": "uuid"},
+                }
+            ]
+        },
+    )
 
 
 def error_answers(max_body_bytes: int) -> dict[int | str, dict[str, Any]]:

@@ -24,6 +24,20 @@ class MutatorSettings(KafkaSettings, HttpServerSettings):
     mutator_idempotency_max_keys: int = Field(
         100_000, ge=1, description="Most Idempotency-Keys remembered at once (oldest go first)."
     )
+    mutator_decision_wait_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=30,
+        description="How long a validated reservation waits for its decision by default "
+        "(`?wait=` overrides, up to 30 s) before a 202 with the URL to ask later.",
+    )
+    mutator_results_max: int = Field(
+        1_000_000,
+        ge=1,
+        description="Most decisions on validated reservations the mutator remembers for "
+        "GET /inventory/reservations/{id} (oldest go first; the calculators and the "
+        "Cassandra service keep every one).",
+    )
     mutator_ensure_topics: bool = Field(
         True,
         description="Create missing topics at start-up, and again whenever the broker "

@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import Producer
 from confluent_kafka.admin import ClusterMetadata
 
+from inventory_mutator.decisions import Decisions
 from inventory_mutator.idempotency import IdempotencyCache
 from inventory_mutator.metrics import MutatorMetrics
 from inventory_mutator.mutations import Mutation
@@ -83,6 +84,8 @@ class EventWriter:
             settings.mutator_idempotency_window_seconds, settings.mutator_idempotency_max_keys
         )
         """The 200 bodies already given, by topic and Idempotency-Key."""
+        self.decisions = Decisions(settings.mutator_results_max)
+        """Decisions on validated reservations, from ``reservation_results``."""
         self.missing_topics: list[str] = []
         """The mutator's topics the last broker check did not find (for readiness)."""
         self._serdes: dict[str, ValueSerde] = {}
@@ -113,8 +116,11 @@ class EventWriter:
         )
         return self._producer
 
-    async def write(self, spec: TopicSpec, mutation: Mutation, mutation_id: str) -> Delivered:
-        """Produce ``mutation`` as one event and wait for the broker's acknowledgement.
+    async def write(
+        self, spec: TopicSpec, mutation: Mutation, mutation_id: str, validate: bool = False
+    ) -> Delivered:
+        """Produce ``mutation`` as one event and wait for the broker's acknowledgement;
+        ``validate``: a reservation the calculator decides before counting it.
 
         Raises :class:`~inventory_mutator.producer.ProduceFailed` (saying whether the
         event may have been written) when the broker does not acknowledge it in time.
@@ -128,6 +134,7 @@ class EventWriter:
                 "mutation_id": mutation_id,
                 "count": mutation.count,
                 "event_time": int(time.time() * 1000),
+                "validate": validate,
             }
         )
         return await self.producer.produce(
@@ -145,6 +152,12 @@ class EventWriter:
         }
         if status.problem is not None:
             facts["problem"] = status.problem
+        # Not part of "ready": without decisions the mutator still takes every write, and
+        # a validated reservation is answered 202 with the URL to ask later.
+        facts["reservationResults"] = {
+            "following": self.decisions.follower is not None and self.decisions.follower.following,
+            "loaded": self.decisions.loaded,
+        }
         return facts
 
     def check_broker(self, producer: Producer) -> bool:

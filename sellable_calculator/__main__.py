@@ -50,6 +50,7 @@ from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.standby import StandbyReplicas
 from sellable_calculator.store import SellableStore
 from service_runtime.kafka import ensure_topics_when_available
+from service_runtime.results import Results, ResultsFollower
 from service_runtime.server import (
     load_settings,
     server_config,
@@ -351,6 +352,14 @@ def main(argv: list[str] | None = None) -> int:
         metrics,
         on_failure=stopping.on_failure("the standby replicas"),
     )
+    results = ResultsFollower(
+        settings.kafka_bootstrap_servers,
+        settings.schema_registry_url,
+        settings.topic_partitions,
+        on_results=lambda read: _index_results(store, read),
+        start=store.results_positions,
+        client_id=f"{settings.instance_id}-results",
+    )
     runtime = CalculatorRuntime(
         settings,
         store,
@@ -366,7 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, stopping.on_signal)
     signal.signal(signal.SIGINT, stopping.on_signal)
-    return _run(runtime, follower, membership, assignments, stopping, loop)
+    return _run(runtime, follower, membership, assignments, stopping, loop, results)
+
+
+def _index_results(store: SellableStore, read: Results) -> None:
+    """Index decisions read from ``reservation_results``, so that this instance answers
+    ``GET /inventory/reservations/{id}`` for every key, not only those it owns."""
+    positions: dict[int, int] = {}
+    for partition, offset, _ in read:
+        positions[partition] = max(positions.get(partition, 0), offset + 1)
+    store.add_results((result for _, _, result in read), positions)
 
 
 class _AssignmentLoop:
@@ -385,6 +403,7 @@ def _run(
     assignments: Assignments,
     stopping: _Stopping,
     loop: _AssignmentLoop,
+    results: ResultsFollower,
 ) -> int:
     """Follow the routing table, serve the API, join the group and run each assignment
     until the instance stops; then leave the group and the table, stop the API and close
@@ -394,6 +413,7 @@ def _run(
     status = 0
     try:
         follower.start()
+        results.start()
         if not follower.loaded.wait(ROUTING_LOAD_SECONDS):
             log.warning(
                 "the routing table is not loaded after %g s: serving anyway (keys whose "
@@ -439,6 +459,7 @@ def _run(
             server.should_exit = True
             api_thread.join(timeout=10)
         follower.stop()
+        results.stop()  # before the store closes: it writes to it
         if runtime.standby is not None:
             runtime.standby.stop()  # before the store closes: it writes to it
         runtime.store.close()

@@ -26,7 +26,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -34,6 +34,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from sellable_calculator.metrics import CalculatorMetrics
 from sellable_calculator.settings import CalculatorSettings
 from sellable_calculator.store import STATE_SIZE, KeyState, SellableStore
+from shared_schemas.reservations import ReservationResult
+from shared_schemas.serde import SerdeError
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS
 
 log = logging.getLogger(__name__)
@@ -43,35 +45,85 @@ INPUT_TOPICS = (INVENTORY_ADJUSTMENTS.name, INVENTORY_RESERVATIONS.name)
 """Input topic names, indexed by ADJUSTMENT / RESERVATION."""
 
 _VERSION = b"\x01"
+_WITH_RESULTS = b"\x02"
+"""Version 2: version 1 followed by the decisions on validated reservations its batch made
+for the key (a count, then each one's length and bytes)."""
 _TAIL = struct.Struct("<qqq")
 """resume adjustments, resume reservations, generation."""
+_COUNT = struct.Struct("<H")
+_LENGTH = struct.Struct("<I")
 RECORD_SIZE = 1 + STATE_SIZE + _TAIL.size
+"""Size of a version-1 record (no decisions)."""
 
 
 class ChangelogError(ValueError):
     """A changelog record this version cannot read."""
 
 
-def encode_record(state: KeyState, resume: Mapping[int, int], generation: int) -> bytes:
+def encode_record(
+    state: KeyState,
+    resume: Mapping[int, int],
+    generation: int,
+    results: Sequence[bytes] = (),
+) -> bytes:
     """The changelog value of one key's state, written in a batch that started at the
-    partition's positions ``resume`` (per input kind), by the assignment ``generation``."""
-    return (
-        _VERSION
-        + state.to_bytes()
-        + _TAIL.pack(resume.get(ADJUSTMENT, 0), resume.get(RESERVATION, 0), generation)
+    partition's positions ``resume`` (per input kind), by the assignment ``generation``.
+
+    ``results``: the decisions (``ReservationResult.to_bytes``) that batch made on the
+    key's validated reservations. They travel in the same record as the state that counts
+    them, so that whoever replays the batch after a crash finds the decisions the state
+    already reflects, and publishes those again instead of deciding anew.
+    """
+    body = state.to_bytes() + _TAIL.pack(
+        resume.get(ADJUSTMENT, 0), resume.get(RESERVATION, 0), generation
     )
+    if not results:
+        return _VERSION + body
+    parts = [_WITH_RESULTS, body, _COUNT.pack(len(results))]
+    for data in results:
+        parts += (_LENGTH.pack(len(data)), data)
+    return b"".join(parts)
 
 
 def decode_record(value: bytes) -> tuple[bytes, dict[int, int], int]:
     """(encoded key state, resume positions per input kind, generation) of a record."""
-    if len(value) != RECORD_SIZE or value[:1] != _VERSION:
-        raise ChangelogError(f"not a version-1 changelog record ({len(value)} bytes)")
+    version = value[:1]
+    if not (
+        (version == _VERSION and len(value) == RECORD_SIZE)
+        or (version == _WITH_RESULTS and len(value) >= RECORD_SIZE + _COUNT.size)
+    ):
+        raise ChangelogError(f"not a changelog record of version 1 or 2 ({len(value)} bytes)")
     adjustments, reservations, generation = _TAIL.unpack_from(value, 1 + STATE_SIZE)
     return (
         value[1 : 1 + STATE_SIZE],
         {ADJUSTMENT: adjustments, RESERVATION: reservations},
         generation,
     )
+
+
+def record_results(value: bytes) -> list[bytes]:
+    """The decisions a record carries (see :func:`encode_record`); none for version 1."""
+    if value[:1] != _WITH_RESULTS:
+        return []
+    (count,) = _COUNT.unpack_from(value, RECORD_SIZE)
+    offset = RECORD_SIZE + _COUNT.size
+    results = []
+    for _ in range(count):
+        (length,) = _LENGTH.unpack_from(value, offset)
+        offset += _LENGTH.size
+        if offset + length > len(value):
+            raise ChangelogError("a changelog record's decisions are truncated")
+        results.append(value[offset : offset + length])
+        offset += length
+    return results
+
+
+def _decode_results(value: bytes) -> list[ReservationResult]:
+    """The decisions of a record, decoded; ChangelogError for anything broken."""
+    try:
+        return [ReservationResult.from_bytes(data) for data in record_results(value)]
+    except (struct.error, SerdeError, KeyError) as exc:
+        raise ChangelogError(f"a changelog record's decisions cannot be read: {exc}") from exc
 
 
 @dataclass
@@ -99,13 +151,17 @@ class ChangelogReader:
     keep_states: bool = True
     """Whether :attr:`state` collects the key states (a restore hands them to the
     dataflow); a standby replica only writes them to the store."""
+    results: list[ReservationResult] = field(default_factory=list)
+    """Decisions the applied records carried, for the store's index; the caller empties it."""
 
     def apply(self, key: bytes, value: bytes) -> bytes | None:
         """Apply one record; the encoded key state it brought, or None if it was skipped."""
         data, resume, generation = decode_record(value)
         if generation < self.newest_generation:
             return None
+        results = _decode_results(value)
         self.newest_generation = generation
+        self.results += results
         if self.keep_states:
             self.state.states[key] = KeyState.from_bytes(data)
         self.state.applied = resume
@@ -237,7 +293,8 @@ def _catch_up(
             positions = {
                 (INPUT_TOPICS[kind], partition): offset for kind, offset in state.applied.items()
             }
-            store.apply_encoded(encoded, positions, {partition: next_offset})
+            store.apply_encoded(encoded, positions, {partition: next_offset}, reader.results)
+            reader.results = []
             if at_end and next_offset >= end:
                 break
     finally:

@@ -67,10 +67,11 @@ from sellable_calculator.store import NO_STATE, KeyState, SellableStore
 from service_runtime.kafka import position_of
 from service_runtime.retry import Backoff, retrying
 from shared_schemas.partitioner import partition_for
-from shared_schemas.schemas import INVENTORY_MUTATION
+from shared_schemas.reservations import CONFIRMED, Decision, ReservationResult, decide
+from shared_schemas.schemas import INVENTORY_MUTATION, RESERVATION_RESULT
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
-from shared_schemas.serde import SerdeError, ValueSerde, decode_key, value_serde
-from shared_schemas.topics import SELLABLE_INVENTORY
+from shared_schemas.serde import SerdeError, ValueSerde, decode_key, encode_key, value_serde
+from shared_schemas.topics import RESERVATION_RESULTS, SELLABLE_INVENTORY
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class MutationBatch:
     mutations: list[Mutation]
     next_offset: int
     """Offset after the last record read, skipped ones included."""
+    validated: dict[int, str] = field(default_factory=dict)
+    """Offset → mutation id of the reservations that asked to be validated."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,12 @@ class PartitionUpdate:
     inputs resume if only part of this update reaches the changelog."""
     next_offsets: dict[int, int]
     """Next offset to apply per input kind: the positions the states bring the store to."""
+    results: dict[bytes, list[ReservationResult]] = field(default_factory=dict)
+    """Decisions on validated reservations made by this update, per key, in order."""
+    republish: list[ReservationResult] = field(default_factory=list)
+    """Decisions made before (their reservations are replayed after a crash and already
+    counted in their key's state): published again, since the crash may have come
+    before they were."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +217,8 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
             return []
         self._awake = None
         mutations: list[Mutation] = []
+        validated: dict[int, str] = {}
+        reservations = self._kind == RESERVATION
         deserialize = self._serde.deserialize
         partition_of = self._key_check.partition_of
         for message in messages:
@@ -242,9 +253,11 @@ class _MutationPartition(StatefulSourcePartition[tuple[str, MutationBatch], int]
                 )
                 continue
             mutations.append((key, value["count"], value["event_time"], offset))
+            if reservations and value.get("validate"):
+                validated[offset] = value["mutation_id"]
         self._records.inc(len(messages))
         self._update_lag()
-        batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset)
+        batch = MutationBatch(self._kind, self._partition, mutations, self._next_offset, validated)
         return [(self._item_key, batch)]
 
     def next_awake(self) -> datetime | None:
@@ -378,14 +391,20 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
         self,
         restored: dict[int, PartitionState],
         load: Callable[[bytes], KeyState | None] = lambda key: None,
+        load_result: Callable[[str], ReservationResult | None] = lambda mutation_id: None,
     ) -> None:
         """Sums that take their partition's state from ``restored`` on the first batch
         (Bytewax builds the logic before it says which key it is for), and the state of
         a key that is not there from ``load`` (the local store) the first time it comes:
         a restore then only reads the changelog records the store does not have, rather
-        than every key of the partition into memory."""
+        than every key of the partition into memory. ``load_result`` finds a decision
+        already made (the store's index), for a validated reservation replayed after a
+        crash."""
         self._restored = restored
         self._load = load
+        self._load_result = load_result
+        self._results: dict[bytes, list[ReservationResult]] = {}
+        self._republish: list[ReservationResult] = []
         self._states: dict[bytes, KeyState] = {}
         self._applied: dict[int, int] = {}
         self._partition: int | None = None
@@ -414,9 +433,12 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
                 max(adjustments, key_adjustments),
                 max(reservations, key_reservations),
             )
-        return [
-            PartitionUpdate(partition, changes, resume, dict(applied))
-        ], StatefulBatchLogic.RETAIN
+        update = PartitionUpdate(
+            partition, changes, resume, dict(applied), self._results, self._republish
+        )
+        if self._results or self._republish:
+            self._results, self._republish = {}, []
+        return [update], StatefulBatchLogic.RETAIN
 
     def _apply(self, values: list[MutationBatch]) -> set[bytes]:
         """Add the batches to the states; the keys that changed."""
@@ -424,16 +446,30 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
         changed: set[bytes] = set()
         for batch in values:
             adjusting = batch.kind == ADJUSTMENT
+            validated = batch.validated
             for key, count, event_time, offset in batch.mutations:
                 state = states.get(key)
                 if state is None:
                     state = load(key) or NO_STATE
                 on_hand, reserved, exists, updated_at, adjustments, reservations = state
                 if offset < (adjustments if adjusting else reservations):
-                    continue  # already in the key's restored state
+                    # Already in the key's restored state.
+                    if validated and offset in validated:
+                        self._decided_before(validated[offset])
+                    continue
                 if adjusting:
                     on_hand += count
                     exists = True
+                elif validated and offset in validated:
+                    decision = decide(count, on_hand, reserved, exists)
+                    self._decided(key, validated[offset], count, decision, offset, event_time)
+                    if decision.status != CONFIRMED:
+                        # Not counted; the key still changes (the decision travels with
+                        # its state, and its positions move past the reservation).
+                        states[key] = state
+                        changed.add(key)
+                        continue
+                    reserved += count
                 else:
                     reserved += count
                 states[key] = KeyState(
@@ -447,6 +483,40 @@ class PartitionSums(StatefulBatchLogic[MutationBatch, PartitionUpdate, Partition
                 changed.add(key)
             self._applied[batch.kind] = batch.next_offset
         return changed
+
+    def _decided(
+        self,
+        key: bytes,
+        mutation_id: str,
+        count: int,
+        decision: Decision,
+        offset: int,
+        event_time: int,
+    ) -> None:
+        """Keep a decision just made, to publish with this update."""
+        where = decode_key(key)
+        result = ReservationResult(
+            mutation_id,
+            where.location,
+            where.sku,
+            count,
+            decision.status,
+            decision.available,
+            decision.reason,
+            offset,
+            event_time,
+        )
+        self._results.setdefault(key, []).append(result)
+
+    def _decided_before(self, mutation_id: str) -> None:
+        """A replayed validated reservation: publish its decision again, as it was made."""
+        result = self._load_result(mutation_id)
+        if result is None:
+            # Cannot happen while the changelog carries each decision with the state
+            # that counts it; said loudly rather than decided again differently.
+            log.error("no decision found for replayed validated reservation %s", mutation_id)
+            return
+        self._republish.append(result)
 
     def snapshot(self) -> PartitionState:
         return PartitionState(dict(self._states), dict(self._applied))
@@ -475,6 +545,10 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         self._serde = value_serde(
             SELLABLE_SCHEMA, SELLABLE_INVENTORY.name, settings.schema_registry_url
         )
+        self._results_serde = value_serde(
+            RESERVATION_RESULT, RESERVATION_RESULTS.name, settings.schema_registry_url
+        )
+        self._decided = sink.metrics.reservations_decided
         self._producer = self._new_producer()
         self._failures: list[KafkaError] = []
         self._changelog = settings.changelog_topic
@@ -558,26 +632,37 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
         serialize, generation = self._serde.serialize, self._generation
         changelog = self._changelog
         records: list[tuple[str, int, bytes, bytes]] = []
+        decisions: list[tuple[str, int, bytes, bytes]] = []
         for _, update in items:
-            partition, resume = update.partition, update.resume
+            partition, resume, results = update.partition, update.resume, update.results
             for key, state in update.changes.items():
                 if state.exists:
                     records.append(
                         (SELLABLE_INVENTORY.name, partition, key, serialize(_record(state)))
                     )
+                decided = results.get(key, ()) if results else ()
                 records.append(
                     (
                         changelog,
                         partition,
                         key,
-                        encode_record(state, resume, generation),
+                        encode_record(
+                            state, resume, generation, [result.to_bytes() for result in decided]
+                        ),
                     )
                 )
+            if results or update.republish:
+                decisions += self._result_records(update)
         # Publish first, store second: the store never claims a position whose states the
         # changelog has not acknowledged, so after a crash the changelog is never behind
         # the store, and a restore from it misses nothing the store had.
         self._changelog_ends.clear()
         self._publish(records)
+        if decisions:
+            # Decisions only once the changelog holds them with the states that count
+            # them: a replay then finds them and publishes the same again, rather than
+            # deciding anew, perhaps otherwise, what a client has already been told.
+            self._publish(decisions)
         for _, update in items:
             partition = update.partition
             positions = {
@@ -585,10 +670,30 @@ class _SellableSinkPartition(StatelessSinkPartition[tuple[str, PartitionUpdate]]
                 for kind, offset in update.next_offsets.items()
             }
             end = self._changelog_ends.get(partition)
-            self._store.apply(update.changes, positions, None if end is None else {partition: end})
+            self._store.apply(
+                update.changes,
+                positions,
+                None if end is None else {partition: end},
+                (result for decided in update.results.values() for result in decided),
+            )
             self._published.inc(sum(1 for state in update.changes.values() if state.exists))
             for (topic, partition_), offset in positions.items():
                 self._progress.advance(topic, partition_, offset)
+
+    def _result_records(self, update: PartitionUpdate) -> list[tuple[str, int, bytes, bytes]]:
+        """The ``reservation_results`` records of ``update``'s decisions, new and replayed."""
+        serialize, partition = self._results_serde.serialize, update.partition
+        records = []
+        for key, decided in update.results.items():
+            for result in decided:
+                self._decided.labels(result.status).inc()
+                records.append(
+                    (RESERVATION_RESULTS.name, partition, key, serialize(result.record()))
+                )
+        for result in update.republish:
+            key = encode_key(result.location, result.sku)
+            records.append((RESERVATION_RESULTS.name, partition, key, serialize(result.record())))
+        return records
 
     def _publish(self, records: list[tuple[str, int, bytes, bytes]]) -> None:
         """Publish ``records`` in order and wait until the broker acknowledged every one.
@@ -703,6 +808,8 @@ def build_dataflow(
     source = MutationSource(settings, generation, metrics, health)
     batches = op.input("mutations", flow, source)
     states = generation.states
-    updates = op.stateful_batch("sums", batches, lambda _resume: PartitionSums(states, store.state))
+    updates = op.stateful_batch(
+        "sums", batches, lambda _resume: PartitionSums(states, store.state, store.reservation)
+    )
     op.output("sellable", updates, SellableSink(settings, generation, store, progress, metrics))
     return flow

@@ -27,6 +27,12 @@ class CalculatorMetrics:
         self.published = Counter(
             "calculator_sellable_published", "Sellable values produced", registry=r
         )
+        self.reservations_decided = Counter(
+            "calculator_reservations_decided",
+            "Validated reservations decided by this instance (replays not counted)",
+            ["status"],
+            registry=r,
+        )
         self.lag = Gauge(
             "calculator_lag_records",
             "Records between the broker's end offset and the next offset to process",

@@ -54,10 +54,13 @@ from service_runtime.http import (
     error_doc,
     error_response,
     invalid_id_response,
+    invalid_mutation_id_response,
     key_path_parameters,
+    reservation_not_found,
 )
 from shared_schemas.partitioner import key_and_partition
 from shared_schemas.positions import Position
+from shared_schemas.reservations import ReservationAnswer
 from shared_schemas.responses import SellableInventory
 
 
@@ -473,6 +476,33 @@ async def count(request: Request, scope: Scope = "all") -> Response:
         for info, body in answers:
             counts[info.instance_id] = body["count"]
     return _json({"count": sum(counts.values()), "instances": counts})
+
+
+@router.get(
+    "/inventory/reservations/{mutationId}",
+    response_model=ReservationAnswer,
+    summary="The decision on a validated reservation",
+    responses={
+        404: error_doc(
+            "No decision on this mutation id is known here (`not_found`): unknown, or not "
+            "decided yet (the mutator that accepted it answers PENDING)"
+        ),
+        422: error_doc("`mutationId` is not a UUID (`invalid_request`)"),
+    },
+)
+async def reservation(mutationId: str, request: Request) -> Response:
+    """The decision on the validated reservation `mutationId`: CONFIRMED or FAILED, the
+    units it asked for and the sellable units it was decided against. Every instance
+    answers every id: each one indexes every decision published to `reservation_results`."""
+    invalid = invalid_mutation_id_response(mutationId)
+    if invalid is not None:
+        return invalid
+    result = runtime_of(request).store.reservation(mutationId)
+    if result is None:
+        return reservation_not_found(
+            mutationId, "unknown, or not decided yet (the mutator that accepted it answers PENDING)"
+        )
+    return _json(result.answer())
 
 
 @router.get("/metadata", response_model=Metadata, summary="The routing table")

@@ -389,7 +389,10 @@ class StandbyReplicas:
                 (INPUT_TOPICS[kind], partition): offset
                 for kind, offset in followed.reader.state.applied.items()
             }
-            self._store.apply_encoded(states, positions, {partition: followed.next_offset})
+            self._store.apply_encoded(
+                states, positions, {partition: followed.next_offset}, followed.reader.results
+            )
+            followed.reader.results = []
         self._metrics.standby_records.inc(applied)
 
     def _update_me(self) -> None:

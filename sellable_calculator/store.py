@@ -30,13 +30,14 @@ from __future__ import annotations
 import logging
 import shutil
 import struct
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from rocksdict import Options, Rdict, WriteBatch
 
+from shared_schemas.reservations import ReservationResult
 from shared_schemas.serde import decode_key, location_prefix
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ _STATE = struct.Struct("<qqqq?qq")
 _OFFSET = struct.Struct(">q")
 _POSITION_PREFIX = b"\x00position\x00"
 _CHANGELOG_PREFIX = b"\x00changelog\x00"
+_RESULT_PREFIX = b"\x00reservation\x00"
+_RESULTS_POSITION_PREFIX = b"\x00results\x00"
 _FORMAT_KEY = b"\x00format"
 _FORMAT = b"2"
 """Version 2: whole key states (version 1 held only the served values)."""
@@ -210,12 +213,15 @@ class SellableStore:
         states: Mapping[bytes, KeyState],
         positions: Mapping[tuple[str, int], int],
         changelog_positions: Mapping[int, int] | None = None,
+        results: Iterable[ReservationResult] = (),
     ) -> None:
-        """Write key states and the positions they bring the store to, atomically."""
+        """Write key states and the positions they bring the store to, atomically, with
+        the decisions on validated reservations made on the way."""
         batch = WriteBatch(raw_mode=True)
         for key, state in states.items():
             batch.put(key, state.to_bytes())
         self._put_positions(batch, positions, changelog_positions or {})
+        self._put_results(batch, results)
         self._db.write(batch)
 
     def apply_encoded(
@@ -223,13 +229,46 @@ class SellableStore:
         states: Mapping[bytes, bytes],
         positions: Mapping[tuple[str, int], int],
         changelog_positions: Mapping[int, int],
+        results: Iterable[ReservationResult] = (),
     ) -> None:
         """:meth:`apply` for states already encoded (``KeyState.to_bytes``): a restore."""
         batch = WriteBatch(raw_mode=True)
         for key, data in states.items():
             batch.put(key, data)
         self._put_positions(batch, positions, changelog_positions)
+        self._put_results(batch, results)
         self._db.write(batch)
+
+    def reservation(self, mutation_id: str) -> ReservationResult | None:
+        """The decision on validated reservation ``mutation_id``, if this store has it."""
+        data = self._db.get(_RESULT_PREFIX + mutation_id.encode())
+        return None if data is None else ReservationResult.from_bytes(data)
+
+    def add_results(
+        self, results: Iterable[ReservationResult], positions: Mapping[int, int]
+    ) -> None:
+        """Index decisions read from ``reservation_results``, with the next offset to read
+        per partition of that topic (:meth:`results_positions`), atomically."""
+        batch = WriteBatch(raw_mode=True)
+        self._put_results(batch, results)
+        for partition, offset in positions.items():
+            batch.put(_RESULTS_POSITION_PREFIX + str(partition).encode(), _OFFSET.pack(offset))
+        self._db.write(batch)
+
+    def results_positions(self) -> dict[int, int]:
+        """Next offset of ``reservation_results`` to index, per partition."""
+        result: dict[int, int] = {}
+        prefix = _RESULTS_POSITION_PREFIX
+        for key, data in self._db.items(from_key=prefix):
+            if not key.startswith(prefix):
+                break
+            result[int(key[len(prefix) :])] = _OFFSET.unpack(data)[0]
+        return result
+
+    @staticmethod
+    def _put_results(batch: WriteBatch, results: Iterable[ReservationResult]) -> None:
+        for result in results:
+            batch.put(_RESULT_PREFIX + result.mutation_id.encode(), result.to_bytes())
 
     @staticmethod
     def _put_positions(

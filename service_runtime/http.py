@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
+from shared_schemas.reservations import mutation_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,25 @@ def invalid_id_response(location: str, sku: str | None = None) -> JSONResponse |
     ]
     message = "; ".join(f"{d['field']}: {d['problem']}" for d in details)
     return error_response(422, "invalid_request", message, details)
+
+
+def invalid_mutation_id_response(mutation_id: str) -> JSONResponse | None:
+    """422 for a ``mutationId`` path parameter that is not a mutation id, or None."""
+    problem = mutation_id_problem(mutation_id)
+    if problem is None:
+        return None
+    return error_response(
+        422,
+        "invalid_request",
+        f"mutationId: {problem}",
+        [{"field": "mutationId", "problem": problem}],
+    )
+
+
+def reservation_not_found(mutation_id: str, why: str) -> JSONResponse:
+    """404 for a validated reservation this service knows no decision on; ``why`` says
+    what that means here."""
+    return error_response(404, "not_found", f"no decision on reservation {mutation_id}: {why}")
 
 
 def _field_name(location: tuple[Any, ...] | list[Any]) -> str:

@@ -25,12 +25,17 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
+from shared_schemas.schemas import RESERVATION_RESULT
+from shared_schemas.serde import SingleObjectSerde
+
 CONFIRMED = "CONFIRMED"
 FAILED = "FAILED"
 PENDING = "PENDING"
 """Accepted and written, not decided yet (only the mutator that accepted it knows)."""
 
 Status = Literal["CONFIRMED", "FAILED", "PENDING"]
+
+_SINGLE_OBJECT = SingleObjectSerde(RESERVATION_RESULT)
 
 
 class Decision(NamedTuple):
@@ -103,6 +108,16 @@ class ReservationResult:
             record["reservation_offset"],
             record["event_time"],
         )
+
+    def to_bytes(self) -> bytes:
+        """Self-describing bytes (Avro single-object encoding), for stores and the
+        calculator's changelog, whatever framing the topic uses."""
+        return _SINGLE_OBJECT.serialize(self.record())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReservationResult:
+        """Inverse of :meth:`to_bytes`; raises :class:`~shared_schemas.serde.SerdeError`."""
+        return cls.from_record(_SINGLE_OBJECT.deserialize(data))
 
     def answer(self) -> dict[str, Any]:
         """The JSON of :class:`ReservationAnswer`."""

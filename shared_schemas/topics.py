@@ -7,11 +7,10 @@ Example::
 
     ensure_topics(AdminClient({"bootstrap.servers": "127.0.0.1:9092"}), partitions=6)
 
-The two input topics, ``sellable_inventory`` and ``reservation_results`` are
-*co-partitioned*: same partition count, same key bytes, so partition p of each holds the
-same keys and one calculator
-instance can join them without a shuffle. A mismatch is therefore an error, never
-something to live with.
+The input topics (adjustments and reservations), ``sellable_inventory`` and
+``reservation_results`` are *co-partitioned*: same partition count, same key bytes, so
+partition p of each holds the same keys and one calculator instance can join them
+without a shuffle. A mismatch is therefore an error, never something to live with.
 """
 
 from __future__ import annotations

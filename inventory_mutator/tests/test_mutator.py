@@ -173,8 +173,8 @@ def test_bad_adjustments_are_422_naming_the_field_and_write_nothing(
     assert _end_offsets(kafka_bootstrap) == before
 
 
-@pytest.mark.parametrize("count", [0, -5, "-1"])
-def test_reservations_must_be_positive(
+@pytest.mark.parametrize("count", [0, "0", "-0"])
+def test_reservations_must_not_be_zero(
     client: TestClient, kafka_bootstrap: str, count: object
 ) -> None:
     before = _end_offsets(kafka_bootstrap)
@@ -182,8 +182,18 @@ def test_reservations_must_be_positive(
         "/inventory/reservation", json={"locationId": "STL", "sku": "1", "count": count}
     )
     assert response.status_code == 422
-    assert response.json()["details"][0] == {"field": "count", "problem": "must be positive"}
+    assert response.json()["details"][0] == {"field": "count", "problem": "must not be zero"}
     assert _end_offsets(kafka_bootstrap) == before
+
+
+def test_a_negative_reservation_is_a_release(client: TestClient, kafka_bootstrap: str) -> None:
+    response = client.post(
+        "/inventory/reservation", json={"locationId": "STL", "sku": "1", "count": "-5"}
+    )
+    assert response.status_code == 200, response.text
+    accepted = response.json()
+    _, value = _read(kafka_bootstrap, accepted["topic"], accepted["partition"], accepted["offset"])
+    assert (value["count"], value["validate"]) == (-5, False)
 
 
 def test_malformed_json_oversized_body_and_wrong_shape(

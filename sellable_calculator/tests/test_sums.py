@@ -22,11 +22,13 @@ from sellable_calculator.changelog import (
     RESERVATION,
     ChangelogReader,
     PartitionState,
+    decode_record,
     encode_record,
 )
 from sellable_calculator.dataflow import MutationBatch, PartitionSums, PartitionUpdate
 from sellable_calculator.store import KeyState, Sellable, SellableStore
 from sellable_calculator.tests.support import apply_batch, sums_of
+from shared_schemas.reservations import ReservationResult
 from shared_schemas.serde import encode_key
 
 STL = encode_key("STL", "123123")
@@ -204,3 +206,105 @@ def test_any_crash_point_and_replay_order_ends_exact_and_every_record_is_true(
             assert (final[key].on_hand, final[key].reserved) == _sums(logs, key, everything)
         else:
             assert _sums(logs, key, everything) == (0, 0)
+
+
+def _validated_chunks(
+    rng: random.Random,
+    logs: dict[int, list[Record]],
+    ids: dict[int, str],
+    start: dict[int, int],
+) -> Iterator[MutationBatch]:
+    """:func:`_chunks`, with the reservations at the offsets of ``ids`` validated."""
+    for batch in _chunks(rng, logs, start):
+        if batch.kind == RESERVATION:
+            validated = {m[3]: ids[m[3]] for m in batch.mutations if m[3] in ids}
+            batch = MutationBatch(
+                batch.kind, PARTITION, batch.mutations, batch.next_offset, validated
+            )
+        yield batch
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_validated_reservations_are_decided_once_whatever_the_crash_and_replay_order(
+    seed: int,
+) -> None:
+    """As the test above, with validated reservations: the owner publishes a batch's
+    changelog records (with the decisions they carry), and only then its decisions, and
+    may crash anywhere in between. Every validated reservation gets exactly one decision,
+    however often it is published; the states count exactly the confirmed ones; and a
+    key that only ever had validated reservations is never oversold."""
+    rng = random.Random(seed)
+    keys = [encode_key("L", str(n)) for n in range(3)]
+    logs: dict[int, list[Record]] = {ADJUSTMENT: [], RESERVATION: []}
+    ids: dict[int, str] = {}
+    for _ in range(rng.randint(5, 40)):
+        kind = rng.choice((ADJUSTMENT, RESERVATION, RESERVATION))
+        key = rng.choice(keys)
+        if kind == RESERVATION and (key == keys[0] or rng.random() < 0.6):
+            # keys[0] only ever gets validated reservations: it must never go below 0.
+            ids[len(logs[RESERVATION])] = f"id-{seed}-{len(logs[RESERVATION])}"
+        count = rng.randint(1, 9) if kind == ADJUSTMENT or key == keys[0] else rng.randint(-3, 9)
+        logs[kind].append((kind, key, count or 1))
+    changelog: list[tuple[bytes, bytes]] = []
+    published: dict[str, list[ReservationResult]] = {}
+
+    for generation in (1, 2, 3):
+        restored = PartitionState({})
+        reader = ChangelogReader(restored)
+        for key, value in changelog:
+            reader.apply(key, value)
+        # The store's index: decisions restored from the changelog, and those published.
+        index = {result.mutation_id: result for result in reader.results}
+        index.update((mid, results[-1]) for mid, results in published.items())
+        owner = PartitionSums({PARTITION: restored}, lambda key: None, index.get)
+        batches = list(_validated_chunks(rng, logs, ids, restored.applied))
+        crash_at = rng.randint(0, len(batches)) if generation < 3 else len(batches)
+        for i, batch in enumerate(batches):
+            (update,) = owner.on_batch([batch])[0]
+            records = [
+                (
+                    key,
+                    encode_record(
+                        state,
+                        update.resume,
+                        generation,
+                        [r.to_bytes() for r in update.results.get(key, [])],
+                    ),
+                )
+                for key, state in update.changes.items()
+            ]
+            decided = [r for rs in update.results.values() for r in rs] + update.republish
+            if i == crash_at:
+                cut = rng.randint(0, len(records) + 1)  # past the end: after the changelog
+                changelog.extend(records[:cut])
+                if cut > len(records):
+                    for result in decided[: rng.randint(0, len(decided))]:
+                        published.setdefault(result.mutation_id, []).append(result)
+                break
+            changelog.extend(records)
+            for result in decided:
+                published.setdefault(result.mutation_id, []).append(result)
+
+    # One decision per validated reservation, the same however often it was published.
+    assert set(published) == set(ids.values())
+    for results in published.values():
+        assert len(set(results)) == 1
+    decision = {mid: results[0] for mid, results in published.items()}
+    # The end state counts exactly the unvalidated and the confirmed reservations.
+    final = ChangelogReader(PartitionState({}))
+    for key, value in changelog:
+        final.apply(key, value)
+    for key in keys:
+        reserved = sum(
+            count
+            for offset, (_, k, count) in enumerate(logs[RESERVATION])
+            if k == key and (offset not in ids or decision[ids[offset]].status == "CONFIRMED")
+        )
+        on_hand = sum(c for _, k, c in logs[ADJUSTMENT] if k == key)
+        state = final.state.states.get(key)
+        assert ((state.on_hand, state.reserved) if state else (0, 0)) == (on_hand, reserved)
+    # Never oversold: every state ever published of the validated-only key.
+    for key, value in changelog:
+        state = KeyState.from_bytes(decode_record(value)[0])
+        if key == keys[0]:
+            assert state.on_hand - state.reserved >= 0
