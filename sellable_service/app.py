@@ -7,7 +7,8 @@ Example::
 
 The lifespan connects to Cassandra (in the background, retrying, so the service starts
 even while Cassandra is down and answers 503 meanwhile) and starts the writer that
-consumes ``sellable_inventory`` into it; both stop with the app. ``/health/ready`` is
+consumes ``sellable_inventory`` and ``reservation_results`` into it; both stop with the
+app. ``/health/ready`` is
 200 only while Cassandra is up and the writer is making progress (see
 :meth:`SellableWriter.health`).
 """

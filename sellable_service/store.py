@@ -6,10 +6,16 @@ Example::
     store.start()                      # connects in the background, retrying
     count = await store.sellable_count("STL", "123123")   # None for an unknown key
 
-One table, shaped for the two queries served: all skus of a location share a partition
-(``PRIMARY KEY ((location), sku))``), so the single GET and the location listing each
-read one Cassandra partition. The CQL runs on Cassandra 2.1 (the embedded one) through
-5.0: plain types, no JSON functions, no SASI.
+Two tables, each shaped for the queries served:
+
+* ``sellable_inventory``: all skus of a location share a partition
+  (``PRIMARY KEY ((location), sku))``), so the single GET and the location listing each
+  read one Cassandra partition.
+* ``reservation_results``: one row per decided validated reservation, keyed by its
+  mutation id (``PRIMARY KEY (mutation_id)``), for ``GET /inventory/reservations/{id}``.
+
+The CQL runs on Cassandra 2.1 (the embedded one) through 5.0: plain types, no JSON
+functions, no SASI.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from service_runtime.retry import Backoff, RetryStopped, retrying
 log = logging.getLogger(__name__)
 
 TABLE = "sellable_inventory"
+RESULTS_TABLE = "reservation_results"
+RESULT_COLUMNS = (
+    "mutation_id, location, sku, count, status, available, reason, reservation_offset, event_time"
+)
+"""The columns of a :class:`ReservationResult`, in its field order."""
 
 UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, ConnectionError)
 """Driver errors that mean "Cassandra is not there right now" rather than a bug."""
@@ -145,6 +156,7 @@ class SellableTable:
         self.delete: PreparedStatement | None = None
         self._select_count: PreparedStatement | None = None
         self._select_location: PreparedStatement | None = None
+        self.insert_result: PreparedStatement | None = None
 
     # --- connection -------------------------------------------------------------------
 
@@ -226,6 +238,10 @@ class SellableTable:
             f"SELECT location, sku, count, on_hand, reserved, updated_at FROM {ks}.{TABLE}"
             " WHERE location = ? AND sku > ? LIMIT ?"
         )
+        self.insert_result = session.prepare(
+            f"INSERT INTO {ks}.{RESULTS_TABLE} ({RESULT_COLUMNS}, source_partition,"
+            " source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
         self._cluster, self._session = cluster, session
         self._connected.set()
         log.info("connected to Cassandra, keyspace %s ready", ks)
@@ -248,6 +264,23 @@ class SellableTable:
                 source_partition int,
                 source_offset bigint,
                 PRIMARY KEY ((location), sku)
+            )""",
+            timeout=30,
+        )
+        session.execute(
+            f"""CREATE TABLE IF NOT EXISTS {ks}.{RESULTS_TABLE} (
+                mutation_id text,
+                location text,
+                sku text,
+                count bigint,
+                status text,
+                available bigint,
+                reason text,
+                reservation_offset bigint,
+                event_time bigint,
+                source_partition int,
+                source_offset bigint,
+                PRIMARY KEY (mutation_id)
             )""",
             timeout=30,
         )

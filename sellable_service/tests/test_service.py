@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from local_stack.process import free_port
 from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
-from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
-from sellable_service.writer import Upsert
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic, results_topic_for
+from sellable_service.writer import ResultUpsert, Upsert
 from shared_schemas import encode_key, partition_for
 
 
@@ -39,6 +39,7 @@ def _settings(
         cassandra_protocol_version=cassandra.protocol_version,
         cassandra_keyspace=keyspace,
         service_topic=topic,
+        service_results_topic=results_topic_for(topic),
         service_consumer_group=f"group-{uuid.uuid4().hex[:8]}",
         topic_partitions=PARTITIONS,
         **extra,
@@ -446,11 +447,11 @@ def test_writer_restarts_itself_after_an_unexpected_error(
     real_write = writer.write
     calls: list[int] = []
 
-    def fails_once(upserts: list[Upsert]) -> None:
+    def fails_once(upserts: list[Upsert], results: Sequence[ResultUpsert] = ()) -> None:
         calls.append(len(upserts))
         if len(calls) == 1:
             raise RuntimeError("injected")
-        real_write(upserts)
+        real_write(upserts, results)
 
     writer.write = fails_once
     with TestClient(app) as client:

@@ -17,7 +17,7 @@ import pytest
 from local_stack.cassandra import CassandraEndpoint
 from local_stack.process import ManagedProcess, free_port
 from local_stack.testing import inventory_path, wait_until
-from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic, results_topic_for
 
 
 @pytest.fixture
@@ -36,6 +36,7 @@ def service(
         "CASSANDRA_PORT": str(cassandra_endpoint.port),
         "CASSANDRA_KEYSPACE": f"test_{uuid.uuid4().hex[:10]}",
         "SERVICE_TOPIC": topic,
+        "SERVICE_RESULTS_TOPIC": results_topic_for(topic),
         "SERVICE_CONSUMER_GROUP": f"group-{uuid.uuid4().hex[:8]}",
         "TOPIC_PARTITIONS": str(PARTITIONS),
     }
