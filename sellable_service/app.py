@@ -1,4 +1,4 @@
-"""The read model's REST API: the same GET as the calculator, answered from Cassandra.
+"""The read model's REST API: the same GETs as the calculator, answered from Cassandra.
 
 Example::
 
@@ -81,8 +81,9 @@ def create_app(
 
     app = FastAPI(
         title="sellable_service",
-        description="Sellable inventory from the Cassandra read model fed by the "
-        "sellable_inventory topic.",
+        description="Sellable inventory, and the decisions on validated reservations, "
+        "from the Cassandra read model fed by the sellable_inventory and "
+        "reservation_results topics.",
         lifespan=lifespan,
     )
     app.state.table, app.state.writer, app.state.metrics = table, writer, metrics

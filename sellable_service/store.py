@@ -5,6 +5,7 @@ Example::
     store = SellableTable(settings)
     store.start()                      # connects in the background, retrying
     count = await store.sellable_count("STL", "123123")   # None for an unknown key
+    result = await store.reservation_result(mutation_id)  # ReservationResult or None
 
 Two tables, each shaped for the queries served:
 
@@ -48,6 +49,7 @@ from cassandra.query import PreparedStatement, tuple_factory
 
 from sellable_service.settings import ServiceSettings
 from service_runtime.retry import Backoff, RetryStopped, retrying
+from shared_schemas.reservations import ReservationResult
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ RESULT_COLUMNS = (
 
 UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, ConnectionError)
 """Driver errors that mean "Cassandra is not there right now" rather than a bug."""
+
+RESULT_READ_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException)
+"""Errors after which the reservation GET answers 503: Cassandra away, and also a
+coordinator's read timeout or failure, or an overloaded node (answering again later)."""
 
 WRITE_RETRY_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException, DriverException)
 """Errors after which the writer retries the same batch (timeouts, overload, no host)."""
@@ -157,6 +163,7 @@ class SellableTable:
         self._select_count: PreparedStatement | None = None
         self._select_location: PreparedStatement | None = None
         self.insert_result: PreparedStatement | None = None
+        self._select_result: PreparedStatement | None = None
 
     # --- connection -------------------------------------------------------------------
 
@@ -241,6 +248,9 @@ class SellableTable:
         self.insert_result = session.prepare(
             f"INSERT INTO {ks}.{RESULTS_TABLE} ({RESULT_COLUMNS}, source_partition,"
             " source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self._select_result = session.prepare(
+            f"SELECT {RESULT_COLUMNS} FROM {ks}.{RESULTS_TABLE} WHERE mutation_id = ?"
         )
         self._cluster, self._session = cluster, session
         self._connected.set()
@@ -334,6 +344,16 @@ class SellableTable:
         more = len(rows) > limit
         rows = rows[:limit]
         return Page(rows, rows[-1].sku if more else None)
+
+    async def reservation_result(self, mutation_id: str) -> ReservationResult | None:
+        """The decision stored for ``mutation_id``, or None; raises CassandraUnavailable."""
+        session = self.session()
+        assert self._select_result is not None
+        try:
+            result = await _bridge(session.execute_async(self._select_result, (mutation_id,)))
+        except RESULT_READ_ERRORS as exc:
+            raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return ReservationResult(*result[0]) if result else None
 
 
 def _row(raw: Sequence[Any]) -> SellableRow:
