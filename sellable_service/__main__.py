@@ -1,11 +1,11 @@
 """Run the service: ``python -m sellable_service`` (port 9093 unless SERVICE_PORT says otherwise).
 
-One process serves the GETs and runs the writer that consumes ``sellable_inventory`` into
-Cassandra; with ``SERVICE_WORKERS`` above 1, several processes serve the GETs and one
-more writes (:mod:`sellable_service.workers`). SIGTERM/SIGINT: uvicorn finishes the
-requests in flight, then the writer finishes the write in hand, the consumer commits the
-offsets of what was written and leaves its group, and the Cassandra session closes; the
-process exits 0.
+One process serves the GETs and runs the writer that consumes ``sellable_inventory`` and
+``reservation_results`` into Cassandra; with ``SERVICE_WORKERS`` above 1, several
+processes serve the GETs and one more writes (:mod:`sellable_service.workers`).
+SIGTERM/SIGINT: uvicorn finishes the requests in flight, then the writer finishes the
+write in hand, the consumer commits the offsets of what was written and leaves its
+group, and the Cassandra session closes; the process exits 0.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The read model's REST API: the same GET as the calculator, answered from Cassandra.
+"""The read model's REST API: the same GETs as the calculator, answered from Cassandra.
 
 Example::
 
@@ -7,7 +7,8 @@ Example::
 
 The lifespan connects to Cassandra (in the background, retrying, so the service starts
 even while Cassandra is down and answers 503 meanwhile) and starts the writer that
-consumes ``sellable_inventory`` into it; both stop with the app. ``/health/ready`` is
+consumes ``sellable_inventory`` and ``reservation_results`` into it; both stop with the
+app. ``/health/ready`` is
 200 only while Cassandra is up and the writer is making progress (see
 :meth:`SellableWriter.health`).
 """
@@ -80,8 +81,9 @@ def create_app(
 
     app = FastAPI(
         title="sellable_service",
-        description="Sellable inventory from the Cassandra read model fed by the "
-        "sellable_inventory topic.",
+        description="Sellable inventory, and the decisions on validated reservations, "
+        "from the Cassandra read model fed by the sellable_inventory and "
+        "reservation_results topics.",
         lifespan=lifespan,
     )
     app.state.table, app.state.writer, app.state.metrics = table, writer, metrics

@@ -15,7 +15,17 @@ class ServiceMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.written = Counter("service_rows_written", "Rows upserted into Cassandra", registry=r)
+        self.written = Counter(
+            "service_rows_written",
+            "Sellable inventory rows upserted (or deleted) in Cassandra",
+            registry=r,
+        )
+        self.results_written = Counter(
+            "service_reservation_results_written",
+            "Reservation results upserted into Cassandra (a duplicate of a stored result "
+            "too: its upsert changes nothing)",
+            registry=r,
+        )
         self.undecodable = Counter(
             "service_undecodable_records", "Records skipped as undecodable", registry=r
         )
@@ -37,8 +47,8 @@ class ServiceMetrics:
         )
         self.lag = Gauge(
             "service_lag_records",
-            "Records behind the end of the topic",
-            ["partition"],
+            "Records behind the end of the topic, per topic consumed and partition",
+            ["topic", "partition"],
             registry=r,
             multiprocess_mode="mostrecent",  # only the writer process sets it
         )

@@ -1,4 +1,5 @@
-"""The read model's routes: one key's sellable count and a location's skus, from Cassandra.
+"""The read model's routes: one key's sellable count, a location's skus and the decision on
+a validated reservation, from Cassandra.
 
 Example::
 
@@ -17,7 +18,7 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -31,7 +32,8 @@ from service_runtime.http import (
     key_path_parameters,
     unknown_query_parameters,
 )
-from shared_schemas.ids import MAX_ID_LENGTH
+from shared_schemas.ids import END, MAX_ID_LENGTH
+from shared_schemas.reservations import ReservationAnswer, mutation_id_problem
 from shared_schemas.responses import SellableInventory
 
 LISTING_PARAMETERS = frozenset({"limit", "after"})
@@ -64,8 +66,28 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, media_type="application/json")
 
 
-def _unavailable(exc: CassandraUnavailable) -> Response:
-    return error_response(503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}")
+def _unavailable(exc: CassandraUnavailable, headers: dict[str, str] | None = None) -> Response:
+    return error_response(
+        503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}", headers=headers
+    )
+
+
+RETRY_AFTER = {"Retry-After": "1"}
+"""On the reservation GET's 503: the driver reconnects every second."""
+
+MUTATION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" + END
+"""What :func:`mutation_id_problem` accepts, for the OpenAPI document (checked by hand:
+the 422 words the problem)."""
+
+MutationIdPath = Annotated[
+    str,
+    Path(
+        description="The `mutationId` the mutator answered the validated reservation with: "
+        "a UUID in lower-case canonical form.",
+        examples=["9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"],
+        json_schema_extra={"pattern": MUTATION_ID_PATTERN},
+    ),
+]
 
 
 async def get_sellable(request: Request) -> Response:
@@ -115,8 +137,33 @@ async def list_location(
     return _json({"locationId": location, "skus": skus, "next": page.next})
 
 
+async def get_reservation(mutationId: MutationIdPath, request: Request) -> Response:
+    """The decision on one validated reservation, as the writer stored it from
+    ``reservation_results``; 404 until there is one (unknown, not validated, or not
+    decided yet: this service cannot tell these apart)."""
+    if request.scope["query_string"] and (names := request.query_params.keys()):
+        return unknown_query_parameters(names)
+    problem = mutation_id_problem(mutationId)
+    if problem is not None:
+        return error_response(
+            422,
+            "invalid_request",
+            f"mutationId: {problem}",
+            [{"field": "mutationId", "problem": problem}],
+        )
+    try:
+        result = await table_of(request).reservation_result(mutationId)
+    except CassandraUnavailable as exc:
+        return _unavailable(exc, RETRY_AFTER)
+    if result is None:
+        return error_response(
+            404, "not_found", f"no decision stored for the reservation {mutationId}"
+        )
+    return _json(result.answer())
+
+
 def add_inventory_routes(app: FastAPI) -> None:
-    """Add the two inventory GETs to ``app``'s own router (not an included one: FastAPI
+    """Add the inventory GETs to ``app``'s own router (not an included one: FastAPI
     matches an included router's routes through a wrapper, on every request)."""
     app.router.get(
         "/inventory/locations/{location}/skus/{sku}",
@@ -144,3 +191,27 @@ def add_inventory_routes(app: FastAPI) -> None:
             503: error_doc("Cassandra down"),
         },
     )(list_location)
+    app.router.get(
+        "/inventory/reservations/{mutationId}",
+        response_model=ReservationAnswer,
+        summary="The decision on a validated reservation",
+        description="\f",
+        responses={
+            404: error_doc(
+                "No decision stored for this id: unknown, not a validated reservation, or "
+                "not decided yet (`not_found`)"
+            ),
+            422: error_doc(
+                "The id is not a UUID in lower-case canonical form, or a query parameter was given"
+            ),
+            503: {
+                **error_doc("Cassandra down (`cassandra_unavailable`), with `Retry-After`"),
+                "headers": {
+                    "Retry-After": {
+                        "description": "Seconds to wait before asking again.",
+                        "schema": {"type": "integer"},
+                    }
+                },
+            },
+        },
+    )(get_reservation)

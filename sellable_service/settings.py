@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from service_runtime.settings import CommaSeparated, HttpServerSettings, KafkaSettings
-from shared_schemas.topics import SELLABLE_INVENTORY
+from shared_schemas.topics import RESERVATION_RESULTS, SELLABLE_INVENTORY
 
 
 class ServiceSettings(KafkaSettings, HttpServerSettings):
-    """The read model: where Cassandra is and how the topic is consumed into it."""
+    """The read model: where Cassandra is and how the topics are consumed into it."""
 
     service_host: str = Field("127.0.0.1", description="Address the REST API binds to.")
     service_port: int = Field(9093, ge=1, le=65535, description="Port of the REST API.")
@@ -53,6 +53,11 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
     service_topic: str = Field(
         SELLABLE_INVENTORY.name, description="Topic consumed into Cassandra (tests use their own)."
     )
+    service_results_topic: str = Field(
+        RESERVATION_RESULTS.name,
+        description="Topic of reservation results consumed into Cassandra, by the same "
+        "consumer as SERVICE_TOPIC (tests use their own).",
+    )
     service_consumer_group: str = Field("sellable-service", description="Kafka consumer group.")
     service_max_poll_interval_ms: int = Field(
         10_000,
@@ -70,9 +75,16 @@ class ServiceSettings(KafkaSettings, HttpServerSettings):
         "waits for its commit-log sync: writes in flight together share one sync.",
     )
 
+    @model_validator(mode="after")
+    def _topics_differ(self) -> ServiceSettings:
+        if self.service_results_topic == self.service_topic:
+            raise ValueError("SERVICE_RESULTS_TOPIC must differ from SERVICE_TOPIC")
+        return self
+
     def connections(self) -> str:
         """What the service reads from and writes to, for its start-up log line."""
         return (
-            f"Kafka {self.kafka_bootstrap_servers}, topic {self.service_topic}; "
+            f"Kafka {self.kafka_bootstrap_servers}, topics {self.service_topic} and "
+            f"{self.service_results_topic}; "
             f"Cassandra {','.join(self.cassandra_contact_points)}:{self.cassandra_port}"
         )

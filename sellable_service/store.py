@@ -5,11 +5,18 @@ Example::
     store = SellableTable(settings)
     store.start()                      # connects in the background, retrying
     count = await store.sellable_count("STL", "123123")   # None for an unknown key
+    result = await store.reservation_result(mutation_id)  # ReservationResult or None
 
-One table, shaped for the two queries served: all skus of a location share a partition
-(``PRIMARY KEY ((location), sku))``), so the single GET and the location listing each
-read one Cassandra partition. The CQL runs on Cassandra 2.1 (the embedded one) through
-5.0: plain types, no JSON functions, no SASI.
+Two tables, each shaped for the queries served:
+
+* ``sellable_inventory``: all skus of a location share a partition
+  (``PRIMARY KEY ((location), sku))``), so the single GET and the location listing each
+  read one Cassandra partition.
+* ``reservation_results``: one row per decided validated reservation, keyed by its
+  mutation id (``PRIMARY KEY (mutation_id)``), for ``GET /inventory/reservations/{id}``.
+
+The CQL runs on Cassandra 2.1 (the embedded one) through 5.0: plain types, no JSON
+functions, no SASI.
 """
 
 from __future__ import annotations
@@ -42,13 +49,23 @@ from cassandra.query import PreparedStatement, tuple_factory
 
 from sellable_service.settings import ServiceSettings
 from service_runtime.retry import Backoff, RetryStopped, retrying
+from shared_schemas.reservations import ReservationResult
 
 log = logging.getLogger(__name__)
 
 TABLE = "sellable_inventory"
+RESULTS_TABLE = "reservation_results"
+RESULT_COLUMNS = (
+    "mutation_id, location, sku, count, status, available, reason, reservation_offset, event_time"
+)
+"""The columns of a :class:`ReservationResult`, in its field order."""
 
 UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, ConnectionError)
 """Driver errors that mean "Cassandra is not there right now" rather than a bug."""
+
+RESULT_READ_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException)
+"""Errors after which the reservation GET answers 503: Cassandra away, and also a
+coordinator's read timeout or failure, or an overloaded node (answering again later)."""
 
 WRITE_RETRY_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException, DriverException)
 """Errors after which the writer retries the same batch (timeouts, overload, no host)."""
@@ -145,6 +162,8 @@ class SellableTable:
         self.delete: PreparedStatement | None = None
         self._select_count: PreparedStatement | None = None
         self._select_location: PreparedStatement | None = None
+        self.insert_result: PreparedStatement | None = None
+        self._select_result: PreparedStatement | None = None
 
     # --- connection -------------------------------------------------------------------
 
@@ -226,6 +245,13 @@ class SellableTable:
             f"SELECT location, sku, count, on_hand, reserved, updated_at FROM {ks}.{TABLE}"
             " WHERE location = ? AND sku > ? LIMIT ?"
         )
+        self.insert_result = session.prepare(
+            f"INSERT INTO {ks}.{RESULTS_TABLE} ({RESULT_COLUMNS}, source_partition,"
+            " source_offset) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
+        )
+        self._select_result = session.prepare(
+            f"SELECT {RESULT_COLUMNS} FROM {ks}.{RESULTS_TABLE} WHERE mutation_id = ?"
+        )
         self._cluster, self._session = cluster, session
         self._connected.set()
         log.info("connected to Cassandra, keyspace %s ready", ks)
@@ -248,6 +274,23 @@ class SellableTable:
                 source_partition int,
                 source_offset bigint,
                 PRIMARY KEY ((location), sku)
+            )""",
+            timeout=30,
+        )
+        session.execute(
+            f"""CREATE TABLE IF NOT EXISTS {ks}.{RESULTS_TABLE} (
+                mutation_id text,
+                location text,
+                sku text,
+                count bigint,
+                status text,
+                available bigint,
+                reason text,
+                reservation_offset bigint,
+                event_time bigint,
+                source_partition int,
+                source_offset bigint,
+                PRIMARY KEY (mutation_id)
             )""",
             timeout=30,
         )
@@ -301,6 +344,16 @@ class SellableTable:
         more = len(rows) > limit
         rows = rows[:limit]
         return Page(rows, rows[-1].sku if more else None)
+
+    async def reservation_result(self, mutation_id: str) -> ReservationResult | None:
+        """The decision stored for ``mutation_id``, or None; raises CassandraUnavailable."""
+        session = self.session()
+        assert self._select_result is not None
+        try:
+            result = await _bridge(session.execute_async(self._select_result, (mutation_id,)))
+        except RESULT_READ_ERRORS as exc:
+            raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return ReservationResult(*result[0]) if result else None
 
 
 def _row(raw: Sequence[Any]) -> SellableRow:

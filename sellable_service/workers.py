@@ -5,9 +5,9 @@ Example::
     SERVICE_WORKERS=2 python -m sellable_service
 
 The GETs are stateless (every answer comes from Cassandra), so any number of processes
-can serve them on one port; the writer, which consumes ``sellable_inventory`` into
-Cassandra, must run exactly once. So with more than one worker, ``python -m
-sellable_service`` becomes a small supervisor of:
+can serve them on one port; the writer, which consumes ``sellable_inventory`` and
+``reservation_results`` into Cassandra, must run exactly once. So with more than one
+worker, ``python -m sellable_service`` becomes a small supervisor of:
 
 * **one writer process** (:func:`run_writer`): the consumer and the Cassandra writes.
   Every half second it writes its health to a report file. If it dies, the supervisor
@@ -95,8 +95,9 @@ def _write_report(path: Path, facts: dict[str, Any]) -> None:
 
 
 def run_writer(report: Path) -> None:
-    """The writer process: consume ``sellable_inventory`` into Cassandra until SIGTERM/SIGINT,
-    reporting its health to ``report`` every :data:`REPORT_INTERVAL_SECONDS`."""
+    """The writer process: consume ``sellable_inventory`` and ``reservation_results`` into
+    Cassandra until SIGTERM/SIGINT, reporting its health to ``report`` every
+    :data:`REPORT_INTERVAL_SECONDS`."""
     from sellable_service.metrics import ServiceMetrics
     from sellable_service.store import SellableTable
     from sellable_service.writer import SellableWriter
@@ -115,7 +116,12 @@ def run_writer(report: Path) -> None:
     writer = SellableWriter(settings, table, ServiceMetrics())
     table.start()
     writer.start()
-    log.info("writer process %d consuming %s", os.getpid(), settings.service_topic)
+    log.info(
+        "writer process %d consuming %s and %s",
+        os.getpid(),
+        settings.service_topic,
+        settings.service_results_topic,
+    )
     try:
         while not stop.wait(REPORT_INTERVAL_SECONDS):
             facts = readiness_facts(table.available, writer.health())

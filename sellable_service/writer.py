@@ -1,4 +1,5 @@
-"""The Cassandra writer: ``sellable_inventory`` in, upserts out, offsets committed after.
+"""The Cassandra writer: ``sellable_inventory`` and ``reservation_results`` in, upserts
+out, offsets committed after.
 
 Example::
 
@@ -7,22 +8,33 @@ Example::
     writer.health()       # WriterHealth(ready=True, state="writing", assigned=True)
     writer.stop()         # leaves the group, committing what was written
 
-The loop, per batch of up to ``SERVICE_BATCH_SIZE`` records:
+One consumer (one group) subscribes to both topics and routes each record by its topic:
+a ``sellable_inventory`` record upserts its key's row of the ``sellable_inventory``
+table, a ``reservation_results`` record the row of its mutation id in the
+``reservation_results`` table. The loop, per batch of up to ``SERVICE_BATCH_SIZE``
+records of either topic:
 
 1. decode keys and values; an undecodable record is counted, logged with its position
    and skipped (its offset is still committed: it would never decode later either);
-2. keep only the newest record per key (a compacted topic's semantics, applied early);
+2. keep only the newest record per key (a compacted topic's semantics, applied early),
+   and per mutation id;
 3. write one UNLOGGED batch per location (a single Cassandra partition, so the batch is
-   cheap), up to ``SERVICE_WRITE_CONCURRENCY`` in flight;
-4. only once every write succeeded, store the offsets the batch covers; the consumer
-   commits stored offsets every second, when partitions are revoked and when it closes.
+   cheap) and one INSERT per reservation result (each is a partition of its own), up to
+   ``SERVICE_WRITE_CONCURRENCY`` in flight;
+4. only once every write succeeded, store the offsets the batch covers, of both topics;
+   the consumer commits stored offsets every second, when partitions are revoked and
+   when it closes.
 
-Every write carries ``USING TIMESTAMP <offset in sellable_inventory>``. A key always
-lives in one partition of that topic, so a later value of a key always has a larger
-offset: a replayed or reordered older record can never overwrite a newer one, and
-replaying the same record is a no-op. The catch: offsets restart if the topic is ever
-deleted and recreated, so then the table must be truncated and rebuilt too (it is a
-derived read model; replaying the topic rebuilds it).
+Every write carries ``USING TIMESTAMP <offset in the topic it was read from>``. A key
+always lives in one partition of ``sellable_inventory``, so a later value of a key
+always has a larger offset: a replayed or reordered older record can never overwrite a
+newer one, and replaying the same record is a no-op. Likewise every result of a
+mutation id lives in one partition of ``reservation_results`` (the key is the
+reservation's location and sku): decisions are deterministic, so a duplicate result is
+identical, and whichever is written last, the row is that of the latest record, whole.
+The catch: offsets restart if a topic is ever deleted and recreated, so then its table
+must be truncated and rebuilt too (it is a derived read model; replaying the topic
+rebuilds it).
 
 Faults are ordinary events here, because replays are harmless:
 
@@ -49,12 +61,13 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cassandra import ConsistencyLevel
 from cassandra.concurrent import execute_concurrent
-from cassandra.query import BatchStatement, BatchType
+from cassandra.query import BatchStatement, BatchType, Statement
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from sellable_service.metrics import ServiceMetrics
@@ -62,7 +75,8 @@ from sellable_service.settings import ServiceSettings
 from sellable_service.store import WRITE_RETRY_ERRORS, CassandraUnavailable, SellableTable
 from service_runtime.kafka import position_of
 from service_runtime.retry import Backoff, RetryStopped, retrying
-from shared_schemas.schemas import SELLABLE_INVENTORY
+from shared_schemas.reservations import ReservationResult, mutation_id_problem
+from shared_schemas.schemas import RESERVATION_RESULT, SELLABLE_INVENTORY
 from shared_schemas.serde import SerdeError, decode_key, value_serde
 
 log = logging.getLogger(__name__)
@@ -114,12 +128,24 @@ class Upsert:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class ResultUpsert:
+    """A reservation result consumed, and where it was read (its partition and offset in
+    ``reservation_results``)."""
+
+    result: ReservationResult
+    partition: int
+    offset: int
+
+
 @dataclass(slots=True)
 class Batch:
-    """Records in hand: the newest upsert per key, and per partition the next offset."""
+    """Records in hand: the newest upsert per key, the newest result per mutation id,
+    and per (topic, partition) the next offset."""
 
     upserts: dict[bytes, Upsert] = field(default_factory=dict)
-    next_offsets: dict[int, int] = field(default_factory=dict)
+    results: dict[str, ResultUpsert] = field(default_factory=dict)
+    next_offsets: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def merge(self, other: Batch) -> None:
         """Add records consumed later (or re-read after a rebalance) to this batch."""
@@ -127,12 +153,16 @@ class Batch:
             held = self.upserts.get(key)
             if held is None or held.offset < upsert.offset:
                 self.upserts[key] = upsert
-        for partition, offset in other.next_offsets.items():
-            self.next_offsets[partition] = max(offset, self.next_offsets.get(partition, 0))
+        for mutation_id, result in other.results.items():
+            kept = self.results.get(mutation_id)
+            if kept is None or kept.offset < result.offset:
+                self.results[mutation_id] = result
+        for position, offset in other.next_offsets.items():
+            self.next_offsets[position] = max(offset, self.next_offsets.get(position, 0))
 
 
 class SellableWriter:
-    """Consumes the topic into the table on a background thread, through any fault."""
+    """Consumes the two topics into their tables on a background thread, through any fault."""
 
     def __init__(
         self, settings: ServiceSettings, table: SellableTable, metrics: ServiceMetrics
@@ -143,11 +173,14 @@ class SellableWriter:
         self._serde = value_serde(
             SELLABLE_INVENTORY, settings.service_topic, settings.schema_registry_url
         )
+        self._results_serde = value_serde(
+            RESERVATION_RESULT, settings.service_results_topic, settings.schema_registry_url
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cassandra-writer", daemon=True)
         # Written by the writer thread (callbacks run inside its poll), read by the API:
         # plain attribute swaps, each atomic under the GIL.
-        self._owned: frozenset[int] = frozenset()
+        self._owned: frozenset[tuple[str, int]] = frozenset()  # (topic, partition)
         self._ever_assigned = False
         self._state: WriterState = "starting"
         self._loop_at = time.monotonic()
@@ -212,7 +245,7 @@ class SellableWriter:
             }
         )
         consumer.subscribe(
-            [s.service_topic],
+            [s.service_topic, s.service_results_topic],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
@@ -220,23 +253,23 @@ class SellableWriter:
         return consumer
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("assigned partitions %s", sorted(p.partition for p in partitions))
+        log.info("assigned partitions %s", _named(partitions))
         if self._paused and partitions:
             # Still retrying a batch: newly assigned partitions wait too. Assign first,
             # a partition can only be paused once assigned.
             consumer.assign(partitions)
             consumer.pause(partitions)
-        self._owned = frozenset(p.partition for p in partitions)
+        self._owned = frozenset(_positions(partitions))
         self._ever_assigned = True
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("partitions %s revoked", sorted(p.partition for p in partitions))
+        log.info("partitions %s revoked", _named(partitions))
         self._forget(partitions)
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning(
             "partitions %s lost (the group went on without this member); rejoining",
-            sorted(p.partition for p in partitions),
+            _named(partitions),
         )
         self._forget(partitions)
 
@@ -244,11 +277,11 @@ class SellableWriter:
         """Partitions are no longer ours: never store offsets for them from the batch in
         hand (the next owner reads them again from the last commit; our rows written
         meanwhile are harmless, see ``USING TIMESTAMP``)."""
-        gone = {p.partition for p in partitions}
+        gone = set(_positions(partitions))
         self._owned = self._owned - gone
         if self._pending is not None:
-            for partition in gone:
-                self._pending.next_offsets.pop(partition, None)
+            for position in gone:
+                self._pending.next_offsets.pop(position, None)
 
     def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if error is not None and error.code() != KafkaError._NO_OFFSET:
@@ -331,43 +364,49 @@ class SellableWriter:
 
     def _try_write(self, batch: Batch) -> bool:
         """Write ``batch``; False (logged, counted) if Cassandra refused it."""
-        upserts = list(batch.upserts.values())
+        upserts, results = list(batch.upserts.values()), list(batch.results.values())
         try:
             started = time.perf_counter()
-            self.write(upserts)
+            self.write(upserts, results)
         except (CassandraUnavailable, *WRITE_RETRY_ERRORS) as exc:
             self.metrics.write_failures.inc()
             log.warning(
-                "writing %d rows to Cassandra failed (%s: %s); retrying, partitions paused",
+                "writing %d rows and %d reservation results to Cassandra failed (%s: %s); "
+                "retrying, partitions paused",
                 len(upserts),
+                len(results),
                 type(exc).__name__,
                 str(exc)[:200],
             )
             return False
         self.metrics.write_seconds.observe(time.perf_counter() - started)
         self.metrics.written.inc(len(upserts))
+        self.metrics.results_written.inc(len(results))
         return True
 
     def _store(self, consumer: Consumer, batch: Batch) -> None:
         """Store the offsets of a written batch, for the consumer to commit."""
-        topic = self.settings.service_topic
-        for partition, offset in batch.next_offsets.items():
+        for (topic, partition), offset in batch.next_offsets.items():
             try:
                 consumer.store_offsets(offsets=[TopicPartition(topic, partition, offset)])
             except KafkaException as exc:
                 # Revoked between the write and now: the next owner re-reads these.
-                log.info("not storing offset %d of partition %d: %s", offset, partition, exc)
+                log.info("not storing offset %d of %s-%d: %s", offset, topic, partition, exc)
 
     def decode(self, messages: list[Message]) -> Batch:
-        """Step 1 and 2 of the loop: the newest upsert per key of ``messages``, and the
-        offset after each partition's last record, undecodable ones included.
+        """Step 1 and 2 of the loop: the newest upsert per key and the newest result per
+        mutation id of ``messages``, and the offset after each partition's last record,
+        undecodable ones included.
 
-        An undecodable record (no key, a bad key, a bad value) is counted in
-        ``service_undecodable_records``, logged with its position and skipped; a value of
-        None (a tombstone) is an upsert that deletes the row. Consumer errors are logged
-        and skipped, except a fatal one, which raises :class:`KafkaException`.
+        An undecodable record (no key, a bad key, a bad value; for a result also no value
+        or a mutation id that is not a UUID in canonical form, which no GET could ask
+        for) is counted in ``service_undecodable_records``, logged with its position and
+        skipped. A ``sellable_inventory`` value of None (a tombstone) is an upsert that
+        deletes the row. Consumer errors are logged and skipped, except a fatal one,
+        which raises :class:`KafkaException`.
         """
         batch = Batch()
+        results_topic = self.settings.service_results_topic
         for message in messages:
             error = message.error()
             if error is not None:
@@ -378,42 +417,57 @@ class SellableWriter:
                     # reconnects by itself; the revocation callbacks did the bookkeeping.
                     log.warning("consumer error: %s", error)
                 continue
-            _, partition, offset = position_of(message)
-            batch.next_offsets[partition] = offset + 1
+            topic, partition, offset = position_of(message)
+            batch.next_offsets[(topic, partition)] = offset + 1
             try:
                 raw_key = message.key()
                 if raw_key is None:
                     raise SerdeError("record without a key")
                 key = decode_key(raw_key)
                 raw_value = message.value()
+                if topic == results_topic:
+                    result = self._decode_result(raw_value)
+                    batch.results[result.mutation_id] = ResultUpsert(result, partition, offset)
+                    continue
                 value = None if raw_value is None else self._serde.deserialize(raw_value)
             except SerdeError as exc:
                 self.metrics.undecodable.inc()
                 log.warning(
-                    "skipping undecodable record %s:%d:%d: %s",
-                    message.topic(),
-                    partition,
-                    offset,
-                    exc,
+                    "skipping undecodable record %s:%d:%d: %s", topic, partition, offset, exc
                 )
                 continue
             batch.upserts[raw_key] = Upsert(key.location, key.sku, value, partition, offset)
         return batch
 
-    def write(self, upserts: list[Upsert]) -> None:
+    def _decode_result(self, raw_value: bytes | None) -> ReservationResult:
+        """A ``reservation_results`` value; raises :class:`SerdeError` for one that is
+        missing, undecodable, or whose mutation id no GET could ask for."""
+        if raw_value is None:
+            raise SerdeError("a reservation result without a value")
+        result = ReservationResult.from_record(self._results_serde.deserialize(raw_value))
+        problem = mutation_id_problem(result.mutation_id)
+        if problem is not None:
+            raise SerdeError(f"mutation_id {result.mutation_id[:64]!r} {problem}")
+        return result
+
+    def write(self, upserts: list[Upsert], results: Sequence[ResultUpsert] = ()) -> None:
         """Step 3 of the loop: upsert (or delete) the rows, one UNLOGGED batch per
-        location, each row ``USING TIMESTAMP`` its offset, so an older record written after
-        a newer one of its key changes nothing. Raises what Cassandra raised."""
-        if not upserts:
+        location, and insert the reservation results, one statement each (each is a
+        Cassandra partition of its own, and a batch across partitions would only load
+        its coordinator). Every row is written ``USING TIMESTAMP`` its offset, so an older
+        record written after a newer one of its key changes nothing. Raises what
+        Cassandra raised."""
+        if not upserts and not results:
             return
         session = self.table.session()
         insert, delete = self.table.insert, self.table.delete
-        assert insert is not None and delete is not None
+        insert_result = self.table.insert_result
+        assert insert is not None and delete is not None and insert_result is not None
         by_location: dict[str, list[Upsert]] = defaultdict(list)
         for upsert in upserts:
             by_location[upsert.location].append(upsert)
         consistency = ConsistencyLevel.name_to_value[self.settings.cassandra_write_consistency]
-        batches = []
+        statements: list[tuple[Statement, tuple[()]]] = []
         for rows in by_location.values():
             for start in range(0, len(rows), MAX_BATCH_STATEMENTS):
                 batch = BatchStatement(batch_type=BatchType.UNLOGGED, consistency_level=consistency)
@@ -436,16 +490,36 @@ class SellableWriter:
                                 row.offset,  # USING TIMESTAMP: see the module docstring
                             ),
                         )
-                batches.append((batch, ()))
-        results = execute_concurrent(
+                statements.append((batch, ()))
+        for stored in results:
+            r = stored.result
+            bound = insert_result.bind(
+                (
+                    r.mutation_id,
+                    r.location,
+                    r.sku,
+                    r.count,
+                    r.status,
+                    r.available,
+                    r.reason,
+                    r.reservation_offset,
+                    r.event_time,
+                    stored.partition,
+                    stored.offset,
+                    stored.offset,  # USING TIMESTAMP: see the module docstring
+                )
+            )
+            bound.consistency_level = consistency
+            statements.append((bound, ()))
+        outcomes = execute_concurrent(
             session,
-            batches,
+            statements,
             concurrency=self.settings.service_write_concurrency,
             raise_on_first_error=True,
         )
-        for ok, result in results:
+        for ok, outcome in outcomes:
             if not ok:
-                raise result
+                raise outcome
 
     def _update_lag(self, consumer: Consumer) -> None:
         try:
@@ -454,6 +528,17 @@ class SellableWriter:
             for tp in positions:
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
                 if tp.offset >= 0:
-                    self.metrics.lag.labels(str(tp.partition)).set(max(0, high - tp.offset))
+                    lag = max(0, high - tp.offset)
+                    self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except Exception as exc:  # metrics must never stop the writer
             log.debug("lag update failed: %s", exc)
+
+
+def _positions(partitions: Iterable[TopicPartition]) -> Iterable[tuple[str, int]]:
+    """(topic, partition) of each of ``partitions``."""
+    return ((p.topic, p.partition) for p in partitions)
+
+
+def _named(partitions: Iterable[TopicPartition]) -> list[str]:
+    """``topic-partition`` of each of ``partitions``, sorted, for the log."""
+    return [f"{topic}-{partition}" for topic, partition in sorted(_positions(partitions))]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,10 @@ from local_stack.process import free_port
 from local_stack.testing import inventory_path, odd_ids, wait_until
 from sellable_service.app import create_app
 from sellable_service.settings import ServiceSettings
-from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
-from sellable_service.writer import Upsert
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic, results_topic_for
+from sellable_service.writer import ResultUpsert, Upsert
 from shared_schemas import encode_key, partition_for
+from shared_schemas.reservations import CONFIRMED, FAILED, ReservationResult
 
 
 def _settings(
@@ -39,6 +41,7 @@ def _settings(
         cassandra_protocol_version=cassandra.protocol_version,
         cassandra_keyspace=keyspace,
         service_topic=topic,
+        service_results_topic=results_topic_for(topic),
         service_consumer_group=f"group-{uuid.uuid4().hex[:8]}",
         topic_partitions=PARTITIONS,
         **extra,
@@ -175,6 +178,79 @@ def test_location_listing_pages(
         assert (len(exact["skus"]), exact["next"]) == (25, None)
         bad = client.get("/inventory/locations/PAGED/skus", params={"limit": 0})
         assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "limit")
+
+
+def _decision(
+    location: str, sku: str, count: int, available: int, reservation_offset: int
+) -> ReservationResult:
+    """A decision as the calculator takes it (shared_schemas.reservations.decide's rule)."""
+    status = CONFIRMED if count <= available else FAILED
+    reason = "" if status == CONFIRMED else f"{count} unit(s) asked for, {available} sellable"
+    mutation_id, event_time = str(uuid.uuid4()), 1_700_000_000_000 + reservation_offset
+    return ReservationResult(
+        mutation_id, location, sku, count, status, available, reason, reservation_offset, event_time
+    )
+
+
+def _reservation(client: TestClient, mutation_id: str) -> httpx.Response:
+    return client.get(f"/inventory/reservations/{mutation_id}")
+
+
+def test_reservation_results_are_stored_by_mutation_id_and_read_back(
+    new_settings: Callable[[], ServiceSettings], keyspace: str, publisher: Publisher
+) -> None:
+    """Results of one key and of another, through the same consumer as the sellable
+    values; a duplicate changes nothing, an unknown id is 404, a bad one 422."""
+    confirmed = _decision("STL", "123123", 3, 10, 40)
+    failed = _decision("STL", "123123", 20, 7, 41)
+    elsewhere = _decision("Zürich City", "a b", -2, 0, 7)  # a release: always confirmed
+    for result in (confirmed, failed, elsewhere):
+        publisher.send_result(result)
+    stl = encode_key("STL", "123123")
+    publisher.raw(stl, b"not avro", partition_for(stl, PARTITIONS), publisher.results_topic)
+    publisher.send("STL", "123123", 7, on_hand=10)
+    publisher.flush()
+    with TestClient(create_app(new_settings())) as client:
+        ids = [r.mutation_id for r in (confirmed, failed, elsewhere)]
+        wait_until(lambda: all(_reservation(client, i).status_code == 200 for i in ids))
+        for result in (confirmed, failed, elsewhere):
+            assert _reservation(client, result.mutation_id).json() == result.answer()
+        assert _count(client, "STL", "123123") == 7
+        assert _metric(client, "service_reservation_results_written_total") == 3
+        assert _metric(client, "service_undecodable_records_total") == 1
+
+        def source_offset(mutation_id: str) -> int:
+            table = client.app.state.table  # type: ignore[attr-defined]
+            row = (
+                table.session()
+                .execute(
+                    f"SELECT source_offset FROM {keyspace}.reservation_results "
+                    "WHERE mutation_id = %s",
+                    (mutation_id,),
+                )
+                .one()
+            )
+            return int(row[0])
+
+        first = source_offset(confirmed.mutation_id)
+        # A duplicate (a decision published again, as after a calculator failover) is
+        # written again, in a batch of its own, and changes nothing but its position.
+        publisher.send_result(confirmed)
+        publisher.flush()
+        wait_until(lambda: source_offset(confirmed.mutation_id) > first)
+        assert _metric(client, "service_reservation_results_written_total") == 4
+        assert _reservation(client, confirmed.mutation_id).json() == confirmed.answer()
+        # An older record of the id, written after the newer one (a reordered replay),
+        # loses whole: USING TIMESTAMP its offset in the results topic.
+        stale = dataclasses.replace(confirmed, status=FAILED, reason="old")
+        writer = client.app.state.writer  # type: ignore[attr-defined]
+        writer.write([], [ResultUpsert(stale, partition_for(stl, PARTITIONS), first)])
+        assert _reservation(client, confirmed.mutation_id).json() == confirmed.answer()
+
+        unknown = _reservation(client, str(uuid.uuid4()))
+        assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found")
+        bad = _reservation(client, confirmed.mutation_id.upper())
+        assert (bad.status_code, bad.json()["details"][0]["field"]) == (422, "mutationId")
 
 
 @contextmanager
@@ -342,6 +418,9 @@ def test_service_starts_while_cassandra_is_down_and_answers_503(
     with TestClient(create_app(settings)) as client:
         response = client.get("/inventory/locations/STL/skus/1")
         assert (response.status_code, response.json()["error"]) == (503, "cassandra_unavailable")
+        result = client.get(f"/inventory/reservations/{uuid.uuid4()}")
+        assert (result.status_code, result.json()["error"]) == (503, "cassandra_unavailable")
+        assert result.headers["Retry-After"] == "1"
         assert client.get("/health/ready").status_code == 503
         assert client.get("/health/live").status_code == 200
 
@@ -446,11 +525,11 @@ def test_writer_restarts_itself_after_an_unexpected_error(
     real_write = writer.write
     calls: list[int] = []
 
-    def fails_once(upserts: list[Upsert]) -> None:
+    def fails_once(upserts: list[Upsert], results: Sequence[ResultUpsert] = ()) -> None:
         calls.append(len(upserts))
         if len(calls) == 1:
             raise RuntimeError("injected")
-        real_write(upserts)
+        real_write(upserts, results)
 
     writer.write = fails_once
     with TestClient(app) as client:

@@ -17,7 +17,8 @@ import pytest
 from local_stack.cassandra import CassandraEndpoint
 from local_stack.process import ManagedProcess, free_port
 from local_stack.testing import inventory_path, wait_until
-from sellable_service.tests.support import PARTITIONS, Publisher, new_topic
+from sellable_service.tests.support import PARTITIONS, Publisher, new_topic, results_topic_for
+from shared_schemas.reservations import CONFIRMED, ReservationResult
 
 
 @pytest.fixture
@@ -36,6 +37,7 @@ def service(
         "CASSANDRA_PORT": str(cassandra_endpoint.port),
         "CASSANDRA_KEYSPACE": f"test_{uuid.uuid4().hex[:10]}",
         "SERVICE_TOPIC": topic,
+        "SERVICE_RESULTS_TOPIC": results_topic_for(topic),
         "SERVICE_CONSUMER_GROUP": f"group-{uuid.uuid4().hex[:8]}",
         "TOPIC_PARTITIONS": str(PARTITIONS),
     }
@@ -75,8 +77,13 @@ def test_two_api_workers_serve_what_one_writer_writes(
     process, url, publisher = service
     for sku in range(50):
         publisher.send("W", f"s{sku}", sku)
+    result = ReservationResult(str(uuid.uuid4()), "W", "s1", 1, CONFIRMED, 1, "", 0, 1_000)
+    publisher.send_result(result)
     publisher.flush()
     wait_until(lambda: all(_count(url, "W", f"s{sku}") == sku for sku in range(50)))
+    reservation = f"{url}/inventory/reservations/{result.mutation_id}"
+    wait_until(lambda: httpx.get(reservation, timeout=5).status_code == 200)
+    assert httpx.get(reservation, timeout=5).json() == result.answer()
 
     api_processes: set[int] = set()
 
@@ -92,6 +99,7 @@ def test_two_api_workers_serve_what_one_writer_writes(
     # /metrics adds up the processes: the rows were written by the writer process, and
     # every API worker shows them.
     assert all(_metric(url, "service_rows_written_total") == 50 for _ in range(6))
+    assert _metric(url, "service_reservation_results_written_total") == 1
 
 
 def test_a_killed_writer_process_is_replaced_and_readiness_says_so_meanwhile(
