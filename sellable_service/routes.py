@@ -66,14 +66,15 @@ def _json(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body), status, media_type="application/json")
 
 
-def _unavailable(exc: CassandraUnavailable, headers: dict[str, str] | None = None) -> Response:
+RETRY_AFTER = {"Retry-After": "1"}
+"""On every 503: the driver reconnects every second."""
+
+
+def _unavailable(exc: CassandraUnavailable) -> Response:
     return error_response(
-        503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}", headers=headers
+        503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}", headers=RETRY_AFTER
     )
 
-
-RETRY_AFTER = {"Retry-After": "1"}
-"""On the reservation GET's 503: the driver reconnects every second."""
 
 MUTATION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" + END
 """What :func:`mutation_id_problem` accepts, for the OpenAPI document (checked by hand:
@@ -154,7 +155,7 @@ async def get_reservation(mutationId: MutationIdPath, request: Request) -> Respo
     try:
         result = await table_of(request).reservation_result(mutationId)
     except CassandraUnavailable as exc:
-        return _unavailable(exc, RETRY_AFTER)
+        return _unavailable(exc)
     if result is None:
         return error_response(
             404, "not_found", f"no decision stored for the reservation {mutationId}"

@@ -63,9 +63,9 @@ RESULT_COLUMNS = (
 UNAVAILABLE_ERRORS = (NoHostAvailable, OperationTimedOut, Unavailable, ConnectionError)
 """Driver errors that mean "Cassandra is not there right now" rather than a bug."""
 
-RESULT_READ_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException)
-"""Errors after which the reservation GET answers 503: Cassandra away, and also a
-coordinator's read timeout or failure, or an overloaded node (answering again later)."""
+READ_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException)
+"""Errors after which a GET answers 503: Cassandra away, and also a coordinator's read
+timeout or failure, or an overloaded node (answering again later), never a 500."""
 
 WRITE_RETRY_ERRORS = (*UNAVAILABLE_ERRORS, RequestExecutionException, DriverException)
 """Errors after which the writer retries the same batch (timeouts, overload, no host)."""
@@ -321,7 +321,7 @@ class SellableTable:
         assert self._select_count is not None
         try:
             result = await _bridge(session.execute_async(self._select_count, (location, sku)))
-        except UNAVAILABLE_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return result[0][0] if result else None
 
@@ -338,7 +338,7 @@ class SellableTable:
             result = await _bridge(
                 session.execute_async(self._select_location, (location, after, limit + 1))
             )
-        except UNAVAILABLE_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
         rows = [_row(r) for r in result]
         more = len(rows) > limit
@@ -351,7 +351,7 @@ class SellableTable:
         assert self._select_result is not None
         try:
             result = await _bridge(session.execute_async(self._select_result, (mutation_id,)))
-        except RESULT_READ_ERRORS as exc:
+        except READ_ERRORS as exc:
             raise CassandraUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return ReservationResult(*result[0]) if result else None
 

@@ -185,11 +185,19 @@ class _RefusingSession:
         OperationTimedOut("client side"),
     ],
 )
-def test_a_read_cassandra_cannot_answer_now_is_503_not_500(error: Exception) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"/inventory/reservations/{A}",
+        "/inventory/locations/STL/skus/1",
+        "/inventory/locations/STL/skus",
+    ],
+)
+def test_a_read_cassandra_cannot_answer_now_is_503_not_500(error: Exception, path: str) -> None:
     app = create_app(ServiceSettings())
     table: SellableTable = app.state.table
     table._session = _RefusingSession(error)  # type: ignore[assignment]
-    table._select_result = object()  # type: ignore[assignment]
-    response = TestClient(app).get(f"/inventory/reservations/{A}")
+    table._select_result = table._select_count = table._select_location = object()  # type: ignore[assignment]
+    response = TestClient(app).get(path)
     assert (response.status_code, response.json()["error"]) == (503, "cassandra_unavailable")
     assert response.headers["Retry-After"] == "1"
