@@ -55,7 +55,7 @@ from service_runtime.http import (
     validation_error_response,
 )
 from shared_schemas.positions import Position
-from shared_schemas.reservations import CONFIRMED, ReservationAnswer
+from shared_schemas.reservations import CONFIRMED, MUTATION_ID_PATTERN, ReservationAnswer
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -599,7 +599,7 @@ def add_reservation_status_route(router: APIRouter) -> None:
                     "name": "mutationId",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string", "format": "uuid"},
+                    "schema": {"type": "string", "pattern": MUTATION_ID_PATTERN},
                 }
             ]
         },

@@ -50,6 +50,7 @@ from sellable_calculator.runtime import CalculatorRuntime, runtime_of
 from sellable_calculator.store import Sellable
 from service_runtime.http import (
     LocationPath,
+    MutationIdPath,
     SkuPath,
     error_doc,
     error_response,
@@ -490,7 +491,7 @@ async def count(request: Request, scope: Scope = "all") -> Response:
         422: error_doc("`mutationId` is not a UUID (`invalid_request`)"),
     },
 )
-async def reservation(mutationId: str, request: Request) -> Response:
+async def reservation(mutationId: MutationIdPath, request: Request) -> Response:
     """The decision on the validated reservation `mutationId`: CONFIRMED or FAILED, the
     units it asked for and the sellable units it was decided against. Every instance
     answers every id: each one indexes every decision published to `reservation_results`."""

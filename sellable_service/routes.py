@@ -18,7 +18,7 @@ import json
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -26,14 +26,17 @@ from sellable_service.metrics import ServiceMetrics
 from sellable_service.store import CassandraUnavailable, SellableTable
 from service_runtime.http import (
     LocationPath,
+    MutationIdPath,
     error_doc,
     error_response,
     invalid_id_response,
+    invalid_mutation_id_response,
     key_path_parameters,
+    reservation_not_found,
     unknown_query_parameters,
 )
-from shared_schemas.ids import END, MAX_ID_LENGTH
-from shared_schemas.reservations import ReservationAnswer, mutation_id_problem
+from shared_schemas.ids import MAX_ID_LENGTH
+from shared_schemas.reservations import ReservationAnswer
 from shared_schemas.responses import SellableInventory
 
 LISTING_PARAMETERS = frozenset({"limit", "after"})
@@ -74,21 +77,6 @@ def _unavailable(exc: CassandraUnavailable) -> Response:
     return error_response(
         503, "cassandra_unavailable", f"Cassandra is unavailable: {exc}", headers=RETRY_AFTER
     )
-
-
-MUTATION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" + END
-"""What :func:`mutation_id_problem` accepts, for the OpenAPI document (checked by hand:
-the 422 words the problem)."""
-
-MutationIdPath = Annotated[
-    str,
-    Path(
-        description="The `mutationId` the mutator answered the validated reservation with: "
-        "a UUID in lower-case canonical form.",
-        examples=["9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"],
-        json_schema_extra={"pattern": MUTATION_ID_PATTERN},
-    ),
-]
 
 
 async def get_sellable(request: Request) -> Response:
@@ -144,21 +132,18 @@ async def get_reservation(mutationId: MutationIdPath, request: Request) -> Respo
     decided yet: this service cannot tell these apart)."""
     if request.scope["query_string"] and (names := request.query_params.keys()):
         return unknown_query_parameters(names)
-    problem = mutation_id_problem(mutationId)
-    if problem is not None:
-        return error_response(
-            422,
-            "invalid_request",
-            f"mutationId: {problem}",
-            [{"field": "mutationId", "problem": problem}],
-        )
+    invalid = invalid_mutation_id_response(mutationId)
+    if invalid is not None:
+        return invalid
     try:
         result = await table_of(request).reservation_result(mutationId)
     except CassandraUnavailable as exc:
         return _unavailable(exc)
     if result is None:
-        return error_response(
-            404, "not_found", f"no decision stored for the reservation {mutationId}"
+        return reservation_not_found(
+            mutationId,
+            "none stored (unknown, or not decided yet: the mutator that "
+            "accepted it answers PENDING)",
         )
     return _json(result.answer())
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared_schemas.ids import ID_DESCRIPTION, ID_JSON_SCHEMA, id_problem
-from shared_schemas.reservations import mutation_id_problem
+from shared_schemas.reservations import MUTATION_ID_PATTERN, mutation_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ SkuPath = Annotated[
     str, Path(description=f"Sku id: {ID_DESCRIPTION}", json_schema_extra=ID_JSON_SCHEMA)
 ]
 """A ``{sku}`` path parameter, documented with the id rule."""
+MutationIdPath = Annotated[
+    str,
+    Path(
+        description="The `mutationId` the mutator answered the validated reservation with: "
+        "a UUID in lower-case canonical form.",
+        examples=["9b2f8c1e-3d4a-4a7e-8f60-0c1d2e3f4a5b"],
+        json_schema_extra={"pattern": MUTATION_ID_PATTERN},
+    ),
+]
+"""A ``{mutationId}`` path parameter (checked by :func:`invalid_mutation_id_response`)."""
 
 
 def key_path_parameters() -> list[dict[str, Any]]:

@@ -104,6 +104,9 @@ class ResultsFollower:
                 "client.id": self._client_id,
                 "enable.auto.commit": False,
                 "enable.partition.eof": True,  # tells when the index is current
+                # Offsets beyond the log's end (a broker that lost its data): read it all
+                # again; a decision read twice is the same decision.
+                "auto.offset.reset": "earliest",
                 "fetch.wait.max.ms": 20,
             }
         )

@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
+from shared_schemas.ids import END
 from shared_schemas.schemas import RESERVATION_RESULT
 from shared_schemas.serde import SingleObjectSerde
 
@@ -149,6 +150,11 @@ class ReservationAnswer(BaseModel):
         examples=[9],
     )
     reason: str = Field("", description="Why it failed, in words; empty otherwise.")
+
+
+MUTATION_ID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}" + END
+"""What :func:`mutation_id_problem` accepts, for the OpenAPI documents (checked by hand:
+the 422 words the problem)."""
 
 
 def mutation_id_problem(text: str) -> str | None:

@@ -19,10 +19,14 @@ from fastapi.testclient import TestClient
 from starlette.routing import BaseRoute
 
 from sellable_service.app import create_app
-from sellable_service.routes import MUTATION_ID_PATTERN
 from sellable_service.settings import ServiceSettings
 from sellable_service.store import CassandraUnavailable, SellableTable
-from shared_schemas.reservations import FAILED, ReservationAnswer, ReservationResult
+from shared_schemas.reservations import (
+    FAILED,
+    MUTATION_ID_PATTERN,
+    ReservationAnswer,
+    ReservationResult,
+)
 
 
 @pytest.fixture(scope="module")
