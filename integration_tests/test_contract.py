@@ -8,7 +8,11 @@ the ones the document declares. It runs ``st run`` against the real servers of t
 session's system (the mutator writes real records to the embedded broker), a bounded
 number of examples per operation, one server after the other.
 
-One documented exception, per calculator: the inventory GET's 504 ``not_caught_up`` is
+Two documented exceptions. On the mutator, the stateful phase links every reservation's
+``mutationId`` to ``GET /inventory/reservations/{mutationId}`` (schemathesis infers the
+link from the names), but only a *validated* reservation has a decision to ask for: the
+GET answers 404 for a plain one by design, so "created resource not found" (ST302) is
+not checked there. Per calculator: the inventory GET's 504 ``not_caught_up`` is
 not counted as a server error. It is the declared answer to a read-your-writes wait that
 ended before the owner applied ``position``, and the fuzzer provokes it by asking for
 positions that were never written (or waiting 5e-324 s for ones that were). Every other
@@ -44,12 +48,21 @@ checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "504"]
 """
 
 
-def _servers(system: System) -> list[tuple[str, str, str]]:
-    """(name, base URL, schemathesis configuration) of every server."""
+MUTATOR_EXCLUDED_CHECKS = ["--exclude-checks", "ensure_resource_availability"]
+"""Only a validated reservation has a decision: GET /inventory/reservations/{id} answers
+404 for a plain one's mutationId (see the module docstring). On the command line, since
+``--checks all`` there outranks the configuration file."""
+
+
+def _servers(system: System) -> list[tuple[str, str, str, list[str]]]:
+    """(name, base URL, schemathesis configuration, extra options) of every server."""
     return [
-        ("inventory_mutator", system.mutator, ""),
-        *((f"calculator-{i}", url, CALCULATOR_CONFIG) for i, url in enumerate(system.calculators)),
-        ("sellable_service", system.service, ""),
+        ("inventory_mutator", system.mutator, "", MUTATOR_EXCLUDED_CHECKS),
+        *(
+            (f"calculator-{i}", url, CALCULATOR_CONFIG, [])
+            for i, url in enumerate(system.calculators)
+        ),
+        ("sellable_service", system.service, "", []),
     ]
 
 
@@ -65,7 +78,7 @@ def _summary(output: str) -> str:
 @pytest.mark.timeout(240)
 def test_every_server_answers_as_its_openapi_document_says(system: System, tmp_path: Path) -> None:
     failed: list[str] = []
-    for name, url, config in _servers(system):
+    for name, url, config, extra in _servers(system):
         config_file = tmp_path / f"{name}.toml"
         config_file.write_text(config)
         command = [
@@ -96,6 +109,7 @@ def test_every_server_answers_as_its_openapi_document_says(system: System, tmp_p
             str(REQUEST_TIMEOUT_SECONDS),
             "--generation-database",
             "none",
+            *extra,
         ]
         result = subprocess.run(
             command, cwd=tmp_path, capture_output=True, text=True, timeout=200, check=False

@@ -353,21 +353,22 @@ def validation_asked(request: Request, default_wait: float) -> float | Response 
     ``validate`` or ``wait``."""
     query = request.query_params
     validate = query.get("validate")
+    if validate is not None and validate.lower() not in ("true", "false"):
+        return _query_refused("validate", "must be true or false")
+    wait = default_wait
+    text = query.get("wait")
+    if text is not None:
+        # Checked even without validate=true: a bad value is refused, never ignored.
+        try:
+            wait = float(text)
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_DECISION_WAIT_SECONDS:  # NaN fails too
+            return _query_refused(
+                "wait", f"must be a number of seconds from 0 to {MAX_DECISION_WAIT_SECONDS:g}"
+            )
     if validate is None or validate.lower() == "false":
         return None
-    if validate.lower() != "true":
-        return _query_refused("validate", "must be true or false")
-    text = query.get("wait")
-    if text is None:
-        return default_wait
-    try:
-        wait = float(text)
-    except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= MAX_DECISION_WAIT_SECONDS:  # NaN fails too
-        return _query_refused(
-            "wait", f"must be a number of seconds from 0 to {MAX_DECISION_WAIT_SECONDS:g}"
-        )
     return wait
 
 
@@ -567,7 +568,16 @@ VALIDATED_ANSWERS: dict[int | str, dict[str, Any]] = {
         "PENDING); ask `url` (GET /inventory/reservations/{mutationId}) later",
     },
     409: {
-        "model": ValidatedReservation,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/ValidatedReservation"},
+                        {"$ref": "#/components/schemas/ErrorBody"},
+                    ]
+                }
+            }
+        },
         "description": "`validate=true`: FAILED, not counted (`error`: "
         "`insufficient_stock`; `available`: the sellable units it was decided against); "
         "or, with `error` `idempotency_key_reused`, the Idempotency-Key was used before for "

@@ -151,7 +151,7 @@ def test_undecided_in_time_is_202_pending_and_the_mutator_says_pending(
 
 
 def test_unvalidated_reservations_and_releases_keep_the_plain_answer(client: TestClient) -> None:
-    for query in ("", "validate=false", "wait=3"):
+    for query in ("", "validate=false", "wait=3", "validate=FALSE&wait=0"):
         response = _reserve(client, -2, query)
         assert response.status_code == 200, response.text
         assert "status" not in response.json() and response.json()["mutationId"]
@@ -165,6 +165,8 @@ def test_unvalidated_reservations_and_releases_keep_the_plain_answer(client: Tes
         ("validate=true&wait=31", "wait"),
         ("validate=true&wait=soon", "wait"),
         ("validate=true&wait=nan", "wait"),
+        ("wait=31", "wait"),
+        ("validate=false&wait=x", "wait"),
     ],
 )
 def test_bad_validate_or_wait_is_422_and_nothing_is_written(
