@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 COMPARE_STAMP := $(VENV)/.installed-compare
 
-.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-failover bench-mutator bench-service clean
+.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-failover bench-mutator bench-reservations bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -74,6 +74,12 @@ bench-failover: fetch $(COMPARE_STAMP)
 
 bench-mutator: fetch wrk
 	$(PY) -m benchmarks.mutator_post
+
+# Validated reservations (POST ?validate=true: answered with the owner calculator's
+# decision) against plain reservation POSTs, same wrk client, taking turns; p50 ratio
+# target <= 3. RESERVATION_ARGS="--rounds 5 --seconds 15" etc.
+bench-reservations: fetch wrk
+	$(PY) -m benchmarks.validated_reservations $(RESERVATION_ARGS)
 
 bench-service: fetch wrk
 	$(PY) -m benchmarks.service_sink

@@ -50,6 +50,7 @@ done = function(summary, latency, requests)
     summary.errors.status,
     latency:percentile(50) / 1000, latency:percentile(95) / 1000,
     latency:percentile(99) / 1000, latency.max / 1000))
+  if report_more ~= nil then report_more() end
 end
 """
 
@@ -107,6 +108,22 @@ def run_wrk(
             f"wrk.body = [[{body or ''}]]\n"
             'wrk.headers["Content-Type"] = "application/json"\n' + script
         )
+    return run_wrk_script(url, script, concurrency, seconds, threads)[0]
+
+
+def run_wrk_script(
+    url: str,
+    script: str,
+    concurrency: int = 32,
+    seconds: float = 10.0,
+    threads: int = 1,
+    timeout: float = 5.0,
+) -> tuple[LoadResult, str]:
+    """Run ``wrk`` with the Lua ``script``, which must end with :data:`_LUA_REPORT` (or
+    :func:`lua_script`'s result); return what it measured and its whole output.
+
+    ``timeout``: seconds after which ``wrk`` gives up on an answer (a socket error).
+    """
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
         lua.write(textwrap.dedent(script))
     try:
@@ -117,7 +134,7 @@ def run_wrk(
                 f"-c{concurrency}",
                 f"-d{max(1, round(seconds))}s",
                 "--timeout",
-                "5s",
+                f"{max(1, round(timeout))}s",
                 "-s",
                 lua.name,
                 url,
@@ -125,7 +142,7 @@ def run_wrk(
             capture_output=True,
             text=True,
             check=True,
-            timeout=seconds + 60,
+            timeout=seconds + timeout + 60,
         ).stdout
     finally:
         os.unlink(lua.name)
@@ -133,7 +150,7 @@ def run_wrk(
     if match is None:
         raise RuntimeError(f"unexpected wrk output:\n{output}")
     requests, micros, errors, non_2xx, p50, p95, p99, worst = match.group(1).split()
-    return LoadResult(
+    result = LoadResult(
         int(requests),
         int(micros) / 1e6,
         int(errors),
@@ -143,6 +160,14 @@ def run_wrk(
         float(p99),
         float(worst),
     )
+    return result, output
+
+
+def lua_script(body: str) -> str:
+    """``body`` (Lua: ``request()``, ``response()``… hooks) followed by the report that
+    :func:`run_wrk_script` reads; a global function ``report_more()`` defined in ``body``
+    runs after it, in wrk's main Lua state, to write more lines."""
+    return textwrap.dedent(body) + _LUA_REPORT
 
 
 def load_arguments(description: str) -> argparse.ArgumentParser:

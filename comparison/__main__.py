@@ -2,7 +2,7 @@
 
     .venv/bin/python -m comparison [--duration 30] [--keys 200] [--locations 10]
         [--write-rate 100] [--read-concurrency 16] [--seed 1] [--results DIR]
-        [--no-failover] [--scale 1,2,3]
+        [--no-failover] [--scale 1,2,3] [--validated-share 0.3]
         [--mutator URL --service URL --calculators URL,URL [--allow-kill]]
 
 Without URLs it starts the system the way ``make up`` does (on free ports, in a
@@ -10,8 +10,11 @@ temporary home, its processes restarted when they die) and stops it afterwards. 
 failover phase kills one calculator with kill -9: on a system given by URLs only with
 ``--allow-kill`` (something must start it again, as ``make up``'s supervisor does).
 ``--scale`` runs the workload again on systems with that many calculators (started
-here, one after the other). The results directory gets ``report.html`` (charts
-inline), ``report.json`` (summary and raw samples) and the charts as PNGs.
+here, one after the other). ``--validated-share F`` sends that share of the measured
+phase's reservations with ``?validate=true`` (counted in the expected values only if
+CONFIRMED; never in the failover phase) and reports their answers and latency. The
+results directory gets ``report.html`` (charts inline), ``report.json`` (summary and raw
+samples) and the charts as PNGs.
 """
 
 from __future__ import annotations
@@ -176,7 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated calculator counts (e.g. 1,2,3): the workload again on a "
         "system started with each (not with URLs)",
     )
+    parser.add_argument(
+        "--validated-share",
+        type=float,
+        default=defaults.validated_share,
+        help="share (0 to 1) of the reservations sent with ?validate=true",
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.validated_share <= 1:
+        parser.error("--validated-share: a share between 0 and 1")
     options = Options(
         keys=args.keys,
         locations=args.locations,
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         failover=args.failover,
         stale_threshold_ms=args.stale_threshold_ms,
         failover_timeout=args.failover_timeout,
+        validated_share=args.validated_share,
     )
     results = args.results or Path("results") / time.strftime("compare-%Y%m%d-%H%M%S")
     given = [args.mutator, args.service, args.calculators]

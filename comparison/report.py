@@ -77,8 +77,26 @@ def summarize(m: Measurements, scaling: list[dict[str, Any]] | None = None) -> d
             "latency_ms": {name: _distribution(v) for name, v in m.listing_ms.items()},
             "mismatches": m.listing_mismatches,
         },
+        "validated_reservations": validated_summary(m),
         "failover": m.failover,
         "scaling": scaling or [],
+    }
+
+
+def validated_summary(m: Measurements) -> dict[str, Any]:
+    """Validated reservations: their answers, and the latency of reservation POSTs with
+    and without ``?validate=true`` (the measured phase's)."""
+    latency = {
+        kind: _distribution(m.reservation_latency_ms.get(kind, []))
+        for kind in ("unvalidated", "validated")
+    }
+    plain, validated = latency["unvalidated"]["p50"], latency["validated"]["p50"]
+    return {
+        "share": m.options.validated_share,
+        **m.validated.summary(),
+        "latency_ms": latency,
+        "p50_ratio": validated / plain if plain and validated is not None else None,
+        "in_failover_phase": False,
     }
 
 
@@ -551,6 +569,7 @@ img {{ max-width: 100%; }}
 <h2>Writes</h2>
 <p>{writes["accepted"]} mutations accepted ({writes["throughput_per_s"]:.1f}/s on average),
 {writes["errors"]} refused or failed.</p>
+{_validated_html(summary["validated_reservations"])}
 <h2>Correctness</h2>
 <p>{verdict}</p>
 <h2>Location listing</h2>
@@ -562,6 +581,53 @@ img {{ max-width: 100%; }}
 {_scaling_html(summary["scaling"], images)}
 {EXPLANATION}
 </body></html>
+"""
+
+
+def validated_text(v: dict[str, Any]) -> str:
+    """The validated reservations' counts in words (HTML-safe)."""
+    if not v["sent"]:
+        return f"No validated reservations were sent (--validated-share {v['share']:g})."
+    answers, later = v["answers"], v["decided_later"]
+    text = (
+        f"{v['sent']} reservations of the measured phase were sent with ?validate=true "
+        f"(share {v['share']:g}): {answers['confirmed']} confirmed (200), "
+        f"{answers['failed']} failed (409, not counted), {answers['pending']} pending (202, "
+        f"not decided within the mutator's wait"
+    )
+    if answers["pending"]:
+        text += (
+            f"; decided afterwards: {later['confirmed']} confirmed, {later['failed']} failed, "
+            f"{v['undecided']} never"
+        )
+    return text + f"), {answers['error']} errors."
+
+
+VALIDATED_NOTE = """A validated reservation is decided by the calculator that owns its key, in
+the order of its partition: confirmed and counted if it asks for no more than is sellable,
+else failed and not counted. The expected values the correctness check compares with count
+a validated reservation only if it was confirmed: answered 200 CONFIRMED, or answered 202
+and then CONFIRMED by the mutator's GET /inventory/reservations/{id}, asked until decided
+before the check. The failover phase writes adjustments only: no validated reservations
+there (its staleness model needs writes that all count)."""
+
+
+def _validated_html(v: dict[str, Any]) -> str:
+    rows = [
+        [name, d["count"], d["p50"], d["p95"], d["p99"], d["max"]]
+        for name, d in (
+            ("reservation POST", v["latency_ms"]["unvalidated"]),
+            ("reservation POST ?validate=true", v["latency_ms"]["validated"]),
+        )
+    ]
+    ratio = v["p50_ratio"]
+    ratio_text = "" if ratio is None else f"<p>p50 validated / p50 unvalidated: {ratio:.2f}.</p>"
+    return f"""<h2>Validated reservations</h2>
+<p>{html.escape(validated_text(v))}</p>
+{_table(["reservations", "answers", "p50 ms", "p95 ms", "p99 ms", "max ms"], rows)}
+{ratio_text}
+<p>{html.escape(VALIDATED_NOTE)} Latency: from the POST sent to its answer (200, 409 or 202
+for a validated one, 200 for a plain one), at the measured phase's write rate.</p>
 """
 
 
@@ -643,6 +709,7 @@ def write_results(summary: dict[str, Any], m: Measurements, directory: Path) -> 
             "freshness_ms": dict(m.freshness_ms),
             "reads_per_second": dict(m.reads_per_second),
             "writes_per_second": m.writes_per_second,
+            "reservation_latency_ms": m.reservation_latency_ms,
         },
     }
     written["report.json"] = directory / "report.json"
@@ -671,6 +738,7 @@ def terminal_table(summary: dict[str, Any]) -> str:
         f"writes: {writes['accepted']} accepted, {writes['throughput_per_s']:.1f}/s, "
         f"{writes['errors']} failed"
     )
+    lines += _validated_lines(summary["validated_reservations"])
     correctness = summary["correctness"]
     lines.append(
         "correctness: all keys agree on all paths"
@@ -684,6 +752,28 @@ def terminal_table(summary: dict[str, Any]) -> str:
     if scaling:
         lines += ["", *scaling]
     return "\n".join(lines)
+
+
+def _validated_lines(v: dict[str, Any]) -> list[str]:
+    latency = v["latency_ms"]
+    plain, validated = latency["unvalidated"], latency["validated"]
+    if not v["sent"]:
+        return [f"validated reservations: none (--validated-share {v['share']:g})"]
+    answers, later = v["answers"], v["decided_later"]
+    lines = [
+        f"validated reservations: {v['sent']} sent (share {v['share']:g}): "
+        f"{answers['confirmed']} confirmed, {answers['failed']} failed (409), "
+        f"{answers['pending']} pending (202; decided later: {later['confirmed']} confirmed, "
+        f"{later['failed']} failed, {v['undecided']} never), {answers['error']} errors"
+    ]
+    lines.append(
+        f"reservation POST latency p50/p99 ms: unvalidated {_fmt(plain['p50'])}/"
+        f"{_fmt(plain['p99'])} ({plain['count']}), validated {_fmt(validated['p50'])}/"
+        f"{_fmt(validated['p99'])} ({validated['count']})"
+        + ("" if v["p50_ratio"] is None else f"; p50 ratio {v['p50_ratio']:.2f}")
+    )
+    lines.append("(validated only in the measured phase; the failover phase writes adjustments)")
+    return lines
 
 
 def _failover_lines(failover: dict[str, Any]) -> list[str]:

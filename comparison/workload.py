@@ -13,6 +13,7 @@ same read keys (the key names get a fresh run prefix, and timings of course diff
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -25,6 +26,7 @@ import aiohttp
 
 from comparison import cpu
 from comparison.failover import FailoverPhase, skipped
+from comparison.validated import ValidatedReservations
 
 PATHS = ("calculator-local", "calculator-forwarded", "cassandra-service")
 """Every read path; with one calculator instance there is no calculator-forwarded."""
@@ -51,6 +53,10 @@ class Options:
     is stale (less is a path's normal lag)."""
     failover_timeout: float = 60.0
     """Seconds after the kill to wait for every key to be exact again on every path."""
+    validated_share: float = 0.0
+    """Share (0..1) of the measured phase's reservations sent with ``?validate=true``
+    (decided by the owner calculator: only a CONFIRMED one is counted). The failover
+    phase writes adjustments only, validated reservations none."""
 
 
 @dataclass
@@ -93,6 +99,12 @@ class Measurements:
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per read path: cores used by each watched process and by the whole machine."""
     failover: dict[str, Any] = field(default_factory=lambda: skipped("not run"))
+    reservation_latency_ms: dict[str, list[float]] = field(
+        default_factory=lambda: {"unvalidated": [], "validated": []}
+    )
+    """Reservation POSTs of the measured phase, from sent to answered: ``unvalidated``
+    (answered 200), ``validated`` (answered with a decision or 202)."""
+    validated: ValidatedReservations = field(default_factory=ValidatedReservations)
 
 
 def _split(keys: list[Key]) -> tuple[list[Key], list[Key]]:
@@ -123,7 +135,11 @@ class Workload:
         self.endpoints = endpoints
         self.options = options
         self.progress = progress
+        if not 0 <= options.validated_share <= 1:
+            raise ValueError("the validated share is between 0 and 1")
         self.rng = random.Random(options.seed)
+        # Its own generator: the workload's writes are the same, share or not.
+        self.validated_rng = random.Random(f"{options.seed}-validated")
         self.expected: dict[tuple[str, str], int] = {}
         self.paths = PATHS if len(endpoints.calculators) > 1 else (PATHS[0], PATHS[2])
         self.measurements = Measurements(options, self.paths)
@@ -220,26 +236,85 @@ class Workload:
                 raise RuntimeError(f"no instance serves {location}/{sku} (partition moving)")
             await asyncio.sleep(0.5)
 
-    async def _post(self, kind: str, key: Key, count: int) -> float | None:
-        """Write one mutation; return when the mutator answered 200 (monotonic), or None."""
+    async def _post(self, kind: str, key: Key, count: int, validated: bool = False) -> float | None:
+        """Write one mutation; return when the mutator answered 200 (monotonic), or None.
+
+        ``validated`` (a reservation): sent with ``?validate=true``; accepted when
+        answered with a decision (200 CONFIRMED, 409 FAILED) or 202 PENDING, and counted
+        in the model only if CONFIRMED (a 202 once decided: :meth:`_settle_validated`).
+        """
         body = {"locationId": key.location, "sku": key.sku, "count": count}
+        url = f"{self.endpoints.mutator}/inventory/{kind}"
+        if validated:
+            url += "?validate=true"
+        status: int | None = None
+        raw = b""
+        sent = time.perf_counter()
         try:
-            async with self.session.post(
-                f"{self.endpoints.mutator}/inventory/{kind}", json=body
-            ) as response:
-                await response.read()
-                ok = response.status == 200
+            async with self.session.post(url, json=body) as response:
+                raw = await response.read()
+                status = response.status
         except (aiohttp.ClientError, TimeoutError):
-            ok = False
-        if not ok:
+            status = None
+        latency_ms = (time.perf_counter() - sent) * 1000
+        if validated:
+            return self._validated_answer(key, count, status, raw, latency_ms)
+        if status != 200:
             self.measurements.write_errors += 1
             return None
         self.measurements.writes += 1
+        if kind == "reservation":
+            self.measurements.reservation_latency_ms["unvalidated"].append(latency_ms)
         delta = count if kind == "adjustment" else -count
         self.expected[(key.location, key.sku)] = (
             self.expected.get((key.location, key.sku), 0) + delta
         )
         return time.monotonic()
+
+    def _validated_answer(
+        self, key: Key, count: int, status: int | None, raw: bytes, latency_ms: float
+    ) -> float | None:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        said, units = self.measurements.validated.answered(
+            status, body, (key.location, key.sku), count
+        )
+        if said == "error":
+            self.measurements.write_errors += 1
+            return None
+        self.measurements.writes += 1
+        self.measurements.reservation_latency_ms["validated"].append(latency_ms)
+        self.expected[(key.location, key.sku)] = (
+            self.expected.get((key.location, key.sku), 0) - units
+        )
+        return time.monotonic()
+
+    async def _settle_validated(self, seconds: float = 60) -> None:
+        """Ask the mutator for the decision of every validated reservation answered 202
+        until each is decided (``seconds`` at most) and count the CONFIRMED ones in."""
+        tally = self.measurements.validated
+        total = len(tally.waiting)
+        deadline = time.monotonic() + seconds
+        while tally.waiting and time.monotonic() < deadline:
+            for mutation_id in list(tally.waiting):
+                url = f"{self.endpoints.mutator}/inventory/reservations/{mutation_id}"
+                try:
+                    async with self.session.get(url) as response:
+                        answer = await response.json() if response.status == 200 else None
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    answer = None
+                if not isinstance(answer, dict):
+                    continue
+                decided = tally.decided(mutation_id, answer.get("status"))
+                if decided is not None:
+                    key, units = decided
+                    self.expected[key] = self.expected.get(key, 0) - units
+            self.progress("deciding 202 reservations", total - len(tally.waiting), total)
+            if tally.waiting:
+                await asyncio.sleep(0.2)
+        tally.give_up()
 
     async def _seed_keys(self, keys: list[Key]) -> None:
         semaphore = asyncio.Semaphore(32)
@@ -302,6 +377,7 @@ class Workload:
                 self.measurements.cpu[path] = cpu.cores_used(before, cpu.sample(self.watch_pids))
         stop.set()
         await writer
+        await self._settle_validated()
         for path in self.paths:
             await self._probe_freshness(path, probe_keys)
 
@@ -318,7 +394,9 @@ class Workload:
                     self._post("adjustment", key, self.rng.choice([1, 2, 5]))
                 )
             else:
-                task = asyncio.create_task(self._post("reservation", key, 1))
+                share = self.options.validated_share
+                validated = share > 0 and self.validated_rng.random() < share
+                task = asyncio.create_task(self._post("reservation", key, 1, validated))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
             count += 1

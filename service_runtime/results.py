@@ -125,7 +125,12 @@ class ResultsFollower:
         at_end: set[int] = set()
         try:
             while not self._stop.is_set():
-                messages = consumer.consume(1000, 0.2)
+                # Wait for the first record only, then take what has come with it:
+                # consume(n, timeout) waits out its whole timeout unless n records come,
+                # and held every decision back for up to that long.
+                messages = consumer.consume(1, 0.2)
+                if messages:
+                    messages += consumer.consume(999, 0)
                 results: Results = []
                 for message in messages:
                     error = message.error()
