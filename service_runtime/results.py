@@ -107,7 +107,11 @@ class ResultsFollower:
                 # Offsets beyond the log's end (a broker that lost its data): read it all
                 # again; a decision read twice is the same decision.
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 20,
+                # The embedded broker holds a fetch for this long when nothing is
+                # there, even if a record comes meanwhile: each decision can wait it out
+                # (20 ms cost a validated reservation about 6 ms at p50; 10 is the middle
+                # ground between that and idle fetches).
+                "fetch.wait.max.ms": 10,
             }
         )
         positions = self._start()
