@@ -281,7 +281,11 @@ class StandbyReplicas:
                     self._update_me()
                     self._stop.wait(0.2)
                     continue
-                messages = consumer.consume(2000, 0.1)
+                # Wait for the first record only: consume(n, timeout) waits out its whole
+                # timeout unless n records come, which kept standbys up to 0.1 s behind.
+                messages = consumer.consume(1, 0.1)
+                if messages:
+                    messages += consumer.consume(1999, 0)
                 with self._lock:
                     self._apply(consumer, messages)
                 self._update_me()
