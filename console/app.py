@@ -172,8 +172,6 @@ def create_app(
             try:
                 async with collector.subscribed():
                     yield "retry: 1000\n\n"
-                    if not collector.snapshot()["topology"]["instances"]:
-                        await collector.gather_once()
                     while not stopping.is_set():
                         yield f"event: state\ndata: {json.dumps(collector.snapshot())}\n\n"
                         with suppress(TimeoutError):

@@ -441,8 +441,8 @@ class Collector:
             url = str(instance.get("url", "")).rstrip("/")
             if not url:
                 continue
-            if instance.get("self"):
-                calculator.instance_id = str(instance.get("instanceId"))
+            if instance.get("self") and instance.get("instanceId"):
+                calculator.instance_id = str(instance["instanceId"])
                 self._note_ownership(calculator.instance_id, instance)
             known = self.calculators.get(url)
             if known is None:
@@ -568,7 +568,19 @@ class Collector:
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows, JSON-ready."""
         readers = self.readers()
-        topology = self._topology()
+        try:
+            topology = self._topology()
+        except Exception as exc:  # an answer of an unexpected shape: say so, show the rest
+            log.exception("the routing tables could not be read")
+            topology = {
+                "partitionCount": DEFAULT_PARTITIONS,
+                "owners": {},
+                "instances": [],
+                "partitions": [],
+                "service": self.service.health(),
+                "mutator": self.mutator.health(),
+                "error": f"the routing tables could not be read: {type(exc).__name__}: {exc}",
+            }
         partitions = topology["partitionCount"]
         keys = []
         for key in self.watched:
@@ -695,6 +707,7 @@ class Collector:
             "partitions": partition_rows,
             "service": self.service.health(),
             "mutator": self.mutator.health(),
+            "error": None,
         }
 
     def _instance_row(

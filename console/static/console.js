@@ -220,10 +220,11 @@
   function renderTopology() {
     const topology = state.topology;
     const control = state.control;
-    renderSection("control-note", [control.allowed, control.reason, control.error], () => [
+    renderSection("control-note", [control.allowed, control.reason, control.error, topology.error], () => [
       h("span", { className: control.allowed ? "ok" : "muted" },
         control.allowed ? "Stop / start allowed: " : "Stop / start not available: ", control.reason),
       control.error ? h("span", { className: "bad" }, " — " + control.error) : null,
+      topology.error ? h("div", { className: "bad" }, topology.error) : null,
     ]);
     renderSection("instances", [topology.instances, control.allowed], () => instancesTable(topology, control));
     renderSection("partitions", [topology.partitions, topology.instances.map((i) => i.instanceId)],

@@ -165,3 +165,19 @@ def test_watching_more_than_the_limit_drops_the_oldest() -> None:
             return [k.sku for k in collector.watched]
 
     assert asyncio.run(scenario()) == ["b", "c"]
+
+
+def test_a_routing_table_of_an_unexpected_shape_is_an_error_not_a_crash() -> None:
+    fake = FakeSystem(counts={("STL", "x"): 5}, down=set())
+    fake.metadata = lambda: {"partitionCount": 6, "instances": [{"self": True}]}  # type: ignore[method-assign]
+
+    async def scenario() -> dict[str, Any]:
+        collector, client = _collector(fake)
+        async with client:
+            collector.watch("STL", "x")
+            await collector.gather_once()
+            return collector.snapshot()
+
+    snapshot = asyncio.run(scenario())
+    assert "could not be read" in snapshot["topology"]["error"]
+    assert snapshot["keys"][0]["cells"][SERVICE]["count"] == 5
