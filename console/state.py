@@ -430,6 +430,8 @@ class Collector:
                 self.event(f"{name} answers again", "good")
             else:
                 self.event(f"{name} does not answer: {outcome.error}", "bad")
+                # Whatever it held, a process that comes back starts from nothing.
+                self._owned.pop(backend.instance_id or "", None)
         backend.answering = answering
 
     def _take_metadata(self, calculator: Backend, outcome: Outcome) -> None:
@@ -455,7 +457,10 @@ class Collector:
         restoring = tuple(sorted(instance.get("restoring", [])))
         before = self._owned.get(instance_id)
         self._owned[instance_id] = (owned, restoring)
-        if before is None or before == (owned, restoring):
+        if before is None:
+            self.event(f"{instance_id} holds partitions {_list(owned) or 'none'}")
+            return
+        if before == (owned, restoring):
             return
         took = sorted(set(owned) - set(before[0]))
         gave = sorted(set(before[0]) - set(owned))

@@ -18,7 +18,7 @@
       else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
       else node.setAttribute(name, value === true ? "" : String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       node.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -51,7 +51,13 @@
     if (rendered[id] === json) return;
     rendered[id] = json;
     const target = document.getElementById(id);
-    target.replaceChildren(...[].concat(build()));
+    target.replaceChildren(...present([].concat(build())));
+  }
+
+  // What a list of children holds besides the gaps (null, undefined, false) that
+  // conditional parts leave: DOM's append would write those out as text.
+  function present(children) {
+    return children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false);
   }
 
   function showPageError(message) {
@@ -124,7 +130,7 @@
         const cells = readers.map((r) => keyCell(key.cells[r.url], r));
         return h("tr", {
           className: key.agree ? "key agree" : "key differ",
-          "data-location": key.locationId, "data-sku": key.sku, "data-agree": key.agree,
+          "data-location": key.locationId, "data-sku": key.sku, "data-agree": String(key.agree),
         },
         h("td", { className: "key-name" }, h("strong", {}, key.locationId), " / ", key.sku),
         h("td", { className: "partition" }, String(key.partition),
@@ -275,7 +281,7 @@
         "data-instance": instance.instanceId || "", "data-url": instance.url,
         "data-partitions": (instance.partitions || []).join(","),
         "data-restoring": (instance.restoring || []).join(","),
-        "data-reachable": reachable,
+        "data-reachable": String(reachable),
       },
       h("td", {}, h("strong", {}, instance.instanceId || "?"), h("div", { className: "hint" }, short(instance.url)),
         instance.selfReported ? null : h("div", { className: "hint" }, "as others list it")),
@@ -326,8 +332,9 @@
   }
 
   function renderEvents() {
-    renderSection("events", state.events, () => state.events.map((e) =>
-      h("li", { className: e.tone }, since(e.at), " — ", e.text)));
+    renderSection("events", state.events, () => state.events.length
+      ? state.events.map((e) => h("li", { className: e.tone }, since(e.at), " — ", e.text))
+      : h("li", { className: "empty" }, "Nothing yet: partitions moving, instances stopping and coming back show here."));
   }
 
   // --- actions ------------------------------------------------------------------------
@@ -413,7 +420,7 @@
       : h("div", {}, h("span", { className: "muted" }, label + " "), h("code", {}, String(value)));
     const good = response.status === 200;
     answerBox.className = "answer " + (good ? "ok" : response.status === 202 ? "warn" : "bad");
-    answerBox.append(
+    answerBox.append(...present([
       h("div", { className: "status-line" }, h("strong", { "data-field": "status" }, String(response.status)), " ",
         answer.status ? h("strong", { "data-field": "decision" }, answer.status) : null, " ",
         answer.error ? h("span", { "data-field": "error" }, answer.error) : null),
@@ -421,7 +428,7 @@
       line("mutationId", answer.mutationId),
       answer.available !== undefined ? line("available", answer.available) : null,
       answer.reason ? line("reason", answer.reason) : null,
-      !good && answer.message ? h("div", { className: "message", "data-field": "message" }, answer.message) : null);
+      !good && answer.message ? h("div", { className: "message", "data-field": "message" }, answer.message) : null]));
     for (const detail of answer.details || []) {
       if (!fieldError(form, prefix, detail.field, detail.problem)) {
         answerBox.append(h("div", { className: "bad" }, `${detail.field}: ${detail.problem}`));
