@@ -13,6 +13,7 @@ exits 0.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from console.app import create_app
@@ -40,6 +41,8 @@ def main() -> int:
     settings = load_settings(ConsoleSettings, **overrides)
     if settings is None:
         return 2
+    # httpx logs every request at INFO: several a second to each backend while watched.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return run_service(settings, create_app, lambda s: (s.console_host, s.console_port), _describe)
 
 

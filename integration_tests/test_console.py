@@ -9,8 +9,10 @@ next to the count field. Then a calculator stopped with its button: its partitio
 to the other instance in the topology view; started again with its button, it gets its
 share back (and the session's system is as before for the tests after this one).
 
-The screenshots go to the test's temporary directory; ``CONSOLE_SCREENSHOT=docs/console.png``
-also copies the first one there (how the README's picture is made).
+The screenshots go to the test's temporary directory;
+``SAVE_CONSOLE_SCREENSHOT=docs/console.png`` also copies the first one there (how the
+README's picture is made; not a ``CONSOLE_`` variable, which the console would take for
+a misspelt setting of its own).
 """
 
 from __future__ import annotations
@@ -189,8 +191,8 @@ def test_post_through_the_forms_and_watch_every_side_converge(
 
     screenshot = tmp_path / "console.png"
     assert browser.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
-    if os.environ.get("CONSOLE_SCREENSHOT"):
-        shutil.copyfile(screenshot, os.environ["CONSOLE_SCREENSHOT"])
+    if os.environ.get("SAVE_CONSOLE_SCREENSHOT"):
+        shutil.copyfile(screenshot, os.environ["SAVE_CONSOLE_SCREENSHOT"])
 
 
 INSTANCE = """const row = [...document.querySelectorAll('tr.instance')]
