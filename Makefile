@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 COMPARE_STAMP := $(VENV)/.installed-compare
 
-.PHONY: up test install fetch lint format compare chaos wrk chromium bench-calculator bench-failover bench-mutator bench-service clean
+.PHONY: up test install fetch lint format compare chaos wrk bench-calculator bench-failover bench-mutator bench-service clean
 
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml
@@ -64,6 +64,7 @@ wrk:
 
 # The browser integration_tests/test_console.py drives: Debian's chromium and its
 # chromedriver (never a browser download). Without them that test skips and says why.
+.PHONY: chromium
 chromium:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
