@@ -33,7 +33,7 @@ fetch: install
 up: fetch
 	$(PY) -m local_stack up
 
-test: fetch $(COMPARE_STAMP)
+test: fetch $(COMPARE_STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -61,6 +61,14 @@ chaos: fetch
 # The load generator: wrk, from Debian's packages.
 wrk:
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+
+# The browser integration_tests/test_console.py drives: Debian's chromium and its
+# chromedriver (never a browser download). Without them that test skips and says why.
+.PHONY: chromium
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver; } || \
+		echo "warning: chromium could not be installed: the console's browser test will skip"
 
 bench-calculator: fetch wrk
 	$(PY) -m benchmarks.calculator_drain

@@ -5,10 +5,15 @@
     python -m local_stack cassandra [--port 9042]
     python -m local_stack infra                  # broker + Cassandra + topics
     python -m local_stack up [--calculators 2] [--partitions 6]   # the whole system
+                                                 # and the live console (:9090)
 
 Everything runs in the foreground; SIGINT (Ctrl-C) or SIGTERM stops what was started,
 in reverse order, and leaves no process behind. A missing prerequisite or a taken port
 is one ``error: …`` line and exit status 2.
+
+``up`` starts the live console (:mod:`console`) last, and a control API on a free
+loopback port that only the console gets the token of (:mod:`local_stack.control`): its
+buttons stop and start the calculators through it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -36,6 +42,7 @@ from local_stack.cassandra import (
     external_cassandra,
     java_binary,
 )
+from local_stack.control import ControlServer, ServiceHandle
 from local_stack.paths import logs_dir, run_dir, services_file, state_dir
 from local_stack.process import (
     ManagedProcess,
@@ -43,7 +50,6 @@ from local_stack.process import (
     ProcessFailed,
     require_free_port,
 )
-from local_stack.supervisor import Supervised
 
 log = logging.getLogger("local_stack")
 
@@ -53,6 +59,7 @@ READY_BANNER = "The system is up:"
 MUTATOR_PORT = 9091
 SERVICE_PORT = 9093
 FIRST_CALCULATOR_PORT = 9094
+CONSOLE_PORT = 9090
 
 
 class Stack(contextlib.ExitStack):
@@ -153,25 +160,36 @@ class _Follower(threading.Thread):
 
 
 def _start_service(
-    stack: Stack, name: str, module: str, env: dict[str, str], port: int, width: int
-) -> None:
+    stack: Stack,
+    name: str,
+    module: str,
+    env: dict[str, str],
+    port: int,
+    width: int,
+    secret_env: dict[str, str] | None = None,
+) -> ServiceHandle:
+    """Start ``module`` as service ``name``, listening on ``port``, and wait until it is
+    live. ``secret_env`` is given to it but not written to the services file."""
     require_free_port(port, name)
     process = ManagedProcess(
-        name, [sys.executable, "-m", module], env={**os.environ, **stack.env, **env}
+        name,
+        [sys.executable, "-m", module],
+        env={**os.environ, **stack.env, **env, **(secret_env or {})},
     )
     follower = _Follower(name, process.log_path, width)
-    supervised = Supervised(process, lambda pid: _restarted(stack, name, pid))
-    if stack.supervise:
-        supervised.start()
-    else:
-        process.start()
+    handle = ServiceHandle(
+        name,
+        process,
+        port,
+        supervise=stack.supervise,
+        on_start=lambda pid: _restarted(stack, name, pid),
+        on_change=lambda: _changed(stack, name, handle),
+    )
+    handle.start()
     follower.start()
 
     def stop() -> None:
-        if stack.supervise:
-            supervised.stop()
-        else:
-            process.stop()
+        handle.stop()
         follower.stopped.set()
 
     stack.on_stop(name, stop)
@@ -185,6 +203,7 @@ def _start_service(
     }
     url = f"http://127.0.0.1:{port}/health/live"
     process.wait_ready(lambda: httpx.get(url, timeout=1).status_code == 200, timeout=90)
+    return handle
 
 
 def _publish_services(stack: Stack) -> None:
@@ -211,13 +230,32 @@ def _restarted(stack: Stack, name: str, pid: int) -> None:
         _write_services(stack)
 
 
-def _tour(mutator_port: int, service_port: int, calculator_ports: list[int]) -> str:
+def _changed(stack: Stack, name: str, handle: ServiceHandle) -> None:
+    """Note in :func:`services_file` that a service was stopped or started on request
+    (``held``: kept down until started again through the control API)."""
+    service = stack.services[name]
+    service["held"] = handle.held
+    if not handle.held and handle.process.pid is not None:
+        service["pid"] = handle.process.pid
+    if services_file().exists():
+        _write_services(stack)
+
+
+def _tour(
+    mutator_port: int, service_port: int, calculator_ports: list[int], console_port: int | None
+) -> str:
     calculator_docs = ", ".join(f"http://localhost:{p}/docs" for p in calculator_ports)
     gets = " ".join(str(p) for p in [service_port, *calculator_ports])
     post = f"http://localhost:{mutator_port}/inventory"
+    console = (
+        ""
+        if console_port is None
+        else f"  live console          http://localhost:{console_port}/"
+        "   (post, watch both sides converge, stop a calculator)\n"
+    )
     return f"""
 {READY_BANNER}
-  inventory_mutator     http://localhost:{mutator_port}/docs
+{console}  inventory_mutator     http://localhost:{mutator_port}/docs
   sellable_service      http://localhost:{service_port}/docs   (Cassandra read model)
   sellable_calculator   {calculator_docs}
 
@@ -293,7 +331,10 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
     if args.calculators < 1:
         raise PrerequisiteError("need at least one calculator")
     calculator_ports = [args.calculator_port + i for i in range(args.calculators)]
-    for port in [args.mutator_port, args.service_port, *calculator_ports]:
+    ports = [args.mutator_port, args.service_port, *calculator_ports]
+    if not args.no_console:
+        ports.append(args.console_port)
+    for port in ports:
         require_free_port(port, "the system")
     stack.supervise = not args.no_supervise
     if not external_kafka():
@@ -303,10 +344,12 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
     _ensure_topics(stack, args.partitions)
     stack.env["TOPIC_PARTITIONS"] = str(args.partitions)
     width = len("inventory_mutator")
+    calculators: dict[str, ServiceHandle] = {}
     for index, port in enumerate(calculator_ports):
-        _start_service(
+        name = f"calculator-{index}"
+        calculators[name] = _start_service(
             stack,
-            f"calculator-{index}",
+            name,
             "sellable_calculator",
             {
                 # Nothing but the port: the instances find each other in the calculator
@@ -334,9 +377,43 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
         args.mutator_port,
         width,
     )
+    if not args.no_console:
+        _start_console(stack, args, calculators, width)
     _publish_services(stack)
-    print(_tour(args.mutator_port, args.service_port, calculator_ports), flush=True)
+    console_port = None if args.no_console else args.console_port
+    print(_tour(args.mutator_port, args.service_port, calculator_ports, console_port), flush=True)
     _wait_for_signal()
+
+
+def _start_console(
+    stack: Stack, args: argparse.Namespace, calculators: dict[str, ServiceHandle], width: int
+) -> None:
+    """The live console, allowed to stop and start the calculators through a control API
+    that only it knows the token of (:mod:`local_stack.control`)."""
+    token = secrets.token_urlsafe(24)
+    control = ControlServer(calculators, token)
+    control.start()
+    stack.on_stop("control API", control.stop)
+    log.info("control API for the console on %s", control.url)
+    base = "http://127.0.0.1"
+    _start_service(
+        stack,
+        "console",
+        "console",
+        {
+            "CONSOLE_PORT": str(args.console_port),
+            "CONSOLE_MUTATOR_URL": f"{base}:{args.mutator_port}",
+            "CONSOLE_SERVICE_URL": f"{base}:{args.service_port}",
+            "CONSOLE_CALCULATOR_URLS": ",".join(
+                f"{base}:{handle.port}" for handle in calculators.values()
+            ),
+            "CONSOLE_ALLOW_CONTROL": "true",
+            "CONSOLE_CONTROL_URL": control.url,
+        },
+        args.console_port,
+        width,
+        secret_env={"CONSOLE_CONTROL_TOKEN": token},
+    )
 
 
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
@@ -378,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
                 "kill and restart processes themselves)",
             )
             sub.add_argument("--cassandra-port", type=int, default=9042, help="embedded Cassandra")
+            sub.add_argument(
+                "--console-port", type=int, default=CONSOLE_PORT, help="the live web console"
+            )
+            sub.add_argument(
+                "--no-console", action="store_true", help="do not start the live web console"
+            )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"

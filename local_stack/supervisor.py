@@ -67,11 +67,16 @@ class Supervised:
         self.process.start()
         self._thread.start()
 
-    def stop(self) -> int | None:
-        """Stop the process for good; return its exit status."""
+    def stop(self, kill: bool = False) -> int | None:
+        """Stop the process for good (SIGTERM, or SIGKILL at once with ``kill``); return
+        its exit status."""
         self._stopping.set()
         with self._lock:
-            status = self.process.stop()
+            if kill:
+                self.process.kill()
+                status: int | None = None if self.process.pid is None else self.process.wait()
+            else:
+                status = self.process.stop()
         self._thread.join(timeout=10)
         return status
 

@@ -37,13 +37,15 @@ DEFAULT_CALCULATOR_PORT: int = CalculatorSettings.model_fields["calculator_port"
 class RunningSystem:
     """Base URLs of a started system, the ``up`` process that runs it and the service
     processes that process started, by name (``calculator-0``…, ``sellable_service``,
-    ``inventory_mutator``): to kill one and start it again."""
+    ``inventory_mutator``, ``console``): to kill one and start it again."""
 
     mutator: str
     service: str
     calculators: list[str]
     process: ManagedProcess
     services: dict[str, ServiceProcess]
+    console: str | None = None
+    """The live console's base URL (None when started without it)."""
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -73,6 +75,7 @@ def started_system(
     timeout: float = 240,
     settings: dict[str, str] | None = None,
     supervise: bool = False,
+    console: bool = True,
 ) -> Iterator[RunningSystem]:
     """Start the system with its state under ``home``; stop it on exit.
 
@@ -80,6 +83,8 @@ def started_system(
     ``supervise``: service processes that die are started again, as ``make up`` does
     (off by default: the tests and the chaos trials kill and restart processes
     themselves; :attr:`RunningSystem.services` then lists the first pids only).
+    ``console``: start the live console too (idle until a browser watches it), allowed
+    to stop and start the calculators as under ``make up``.
     """
     ensure_cassandra_distribution()
     link = home / distribution_dir().name
@@ -112,6 +117,11 @@ def started_system(
     ]
     if not supervise:
         command.append("--no-supervise")
+    console_port = free_port() if console else None
+    if console_port is None:
+        command.append("--no-console")
+    else:
+        command += ["--console-port", str(console_port)]
     process = ManagedProcess("make-up", command, env=env, log_dir=home / "logs")
     process.start()
     try:
@@ -122,6 +132,7 @@ def started_system(
             [f"http://127.0.0.1:{calculator + i}" for i in range(calculators)],
             process,
             _started_services(home, env),
+            None if console_port is None else f"http://127.0.0.1:{console_port}",
         )
     finally:
         process.stop(grace=60)
