@@ -34,12 +34,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
@@ -54,6 +51,7 @@ from console.control import control_for
 from console.settings import ConsoleSettings
 from console.state import Collector
 from service_runtime.http import error_response, install_error_handlers, operations_router
+from service_runtime.server import on_stop_signals
 from shared_schemas.ids import id_problem
 
 STATIC = Path(__file__).parent / "static"
@@ -83,39 +81,12 @@ class ConsoleMetrics:
         )
 
 
-def _on_stop_signals(callback: Callable[[], object]) -> Callable[[], None]:
-    """Also call ``callback`` on SIGTERM/SIGINT, before uvicorn's own handler; return the
-    undo. The event streams never end by themselves, and uvicorn waits for open
-    responses before it shuts down: they must hear of the signal to let it."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    installed: dict[int, tuple[Any, Any]] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
-
-        def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            callback()
-            previous(signum, frame)
-
-        signal.signal(sig, chained)
-        installed[sig] = (chained, previous)
-
-    def undo() -> None:
-        for sig, (chained, previous) in installed.items():
-            if signal.getsignal(sig) is chained:
-                signal.signal(sig, previous)
-
-    return undo
-
-
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     collector: Collector = app.state.collector
     stopping: asyncio.Event = app.state.stopping
     loop = asyncio.get_running_loop()
-    undo = _on_stop_signals(lambda: loop.call_soon_threadsafe(stopping.set))
+    undo = on_stop_signals(lambda: loop.call_soon_threadsafe(stopping.set))
     task = asyncio.create_task(collector.run())
     try:
         yield

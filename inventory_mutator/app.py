@@ -26,12 +26,8 @@ Where to read on: ``mutations.py`` (what a client sends, and the rules), ``route
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -47,40 +43,9 @@ from inventory_mutator.routes import (
 from inventory_mutator.settings import MutatorSettings
 from inventory_mutator.writer import EventWriter
 from service_runtime.http import install_error_handlers, operations_router
+from service_runtime.server import on_stop_signals
 
 __all__ = ["Adjustment", "Reservation", "create_app"]
-
-
-def _on_stop_signals(callback: Callable[[], object]) -> Callable[[], None]:
-    """Also call ``callback`` on SIGTERM/SIGINT, before the handler installed now; return the undo.
-
-    Why: uvicorn's graceful shutdown waits for every request in flight before it runs the
-    lifespan's shutdown half, so a request waiting on a frozen broker would hold the
-    process up; the producer has to hear of the signal itself to bound those requests.
-    Only in the main thread (where uvicorn installs its handlers; a test client runs the
-    app elsewhere), and only in front of a Python handler that is already there.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    installed: dict[int, Any] = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
-
-        def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
-            callback()
-            previous(signum, frame)
-
-        signal.signal(sig, chained)
-        installed[sig] = (chained, previous)
-
-    def undo() -> None:
-        for sig, (chained, previous) in installed.items():
-            if signal.getsignal(sig) is chained:
-                signal.signal(sig, previous)
-
-    return undo
 
 
 @asynccontextmanager
@@ -92,7 +57,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     writer.decisions.follow(writer.settings)
     loop = asyncio.get_running_loop()
     shutdown_timeout = writer.settings.mutator_shutdown_timeout_seconds
-    undo_signals = _on_stop_signals(
+    undo_signals = on_stop_signals(
         lambda: loop.call_soon_threadsafe(producer.begin_close, shutdown_timeout)
     )
     try:

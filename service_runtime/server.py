@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, TypeVar
 
 import uvicorn
@@ -42,6 +43,39 @@ EVENT_LOOP = "uvloop"
 
 GC_GEN0_THRESHOLD = 20_000
 """Allocations between young-generation collections while serving (CPython's default: 700)."""
+
+
+def on_stop_signals(callback: Callable[[], object]) -> Callable[[], None]:
+    """Also call ``callback`` on SIGTERM/SIGINT, before the handler installed now; return the undo.
+
+    Why: uvicorn's graceful shutdown waits for every request in flight before it runs the
+    lifespan's shutdown half, so a request that waits on something (the mutator's on a
+    frozen broker, the console's never-ending event streams) would hold the process up:
+    what it waits on has to hear of the signal itself.
+    Only in the main thread (where uvicorn installs its handlers; a test client runs the
+    app elsewhere), and only in front of a Python handler that is already there.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    installed: dict[int, Any] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def chained(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+            callback()
+            previous(signum, frame)
+
+        signal.signal(sig, chained)
+        installed[sig] = (chained, previous)
+
+    def undo() -> None:
+        for sig, (chained, previous) in installed.items():
+            if signal.getsignal(sig) is chained:
+                signal.signal(sig, previous)
+
+    return undo
 
 
 def tune_gc_for_serving() -> None:
