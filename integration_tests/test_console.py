@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,11 +105,21 @@ def _fill(driver: Any, field_id: str, text: str) -> None:
 
 
 def _click(driver: Any, css: str, confirm: bool = False) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.find_element(By.CSS_SELECTOR, css).click()
+    # The topology is drawn anew with every update (every 0.4 s): a button found just
+    # before an update is gone by the click. Find it again then.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            break
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
     if confirm:
         WebDriverWait(driver, 10).until(expected_conditions.alert_is_present())
         driver.switch_to.alert.accept()

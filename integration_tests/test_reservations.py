@@ -231,10 +231,28 @@ def test_killing_the_owner_mid_burst_never_oversells_or_recounts(
             answers.append(response)
 
     victim = system.services["calculator-0"]
+    survivor = system.calculators[1]
+    pending_seen: list[str] = []
+
+    def ask_survivor_about_202s() -> None:
+        # While the owner is down, a 202's reservation is decided by nobody: the
+        # surviving calculator relays the mutator's PENDING (or, once decided, the decision).
+        with lock:
+            waiting = [a.json()["mutationId"] for a in answers if a.status_code == 202]
+        for mutation_id in waiting[-3:]:
+            status = system.client.get(f"{survivor}/inventory/reservations/{mutation_id}")
+            assert status.status_code == 200, status.text
+            if status.json()["status"] == "PENDING":
+                assert status.headers["x-answered-by"] == "inventory_mutator"
+                pending_seen.append(mutation_id)
+
     with ThreadPoolExecutor(8) as pool:
         burst = [pool.submit(send, i) for i in range(60)]
         wait_until(lambda: len(answers) >= 8, timeout=30)
         victim.kill()
+        while not all(future.done() for future in burst):
+            ask_survivor_about_202s()
+            time.sleep(0.2)
         for future in burst:
             future.result()
     restarted = victim.restarted("calculator-0-restarted", log_dir)
@@ -246,6 +264,7 @@ def test_killing_the_owner_mid_burst_never_oversells_or_recounts(
 
     by_status = Counter(a.status_code for a in answers)
     assert set(by_status) <= {200, 202, 409}, by_status
+    assert pending_seen, "a calculator answered PENDING (relayed from the mutator) meanwhile"
     # Every answer keeps its word; every 202 is decided in the end.
     final: dict[str, str] = {}
     for answer in answers:

@@ -357,6 +357,8 @@ def cmd_up(args: argparse.Namespace, stack: Stack) -> None:
                 "CALCULATOR_PORT": str(port),
                 # The state belongs with this run's topics: under the stack's own home.
                 "CALCULATOR_STATE_DIR": str(state_dir() / "calculator"),
+                # Asked about validated reservations nobody has decided yet (PENDING).
+                "CALCULATOR_MUTATOR_URL": f"http://127.0.0.1:{args.mutator_port}",
             },
             port,
             width,

@@ -38,6 +38,8 @@ from service_runtime.http import error_response
 
 FORWARDED_BY = "X-Forwarded-By"
 SERVED_BY = "X-Served-By"
+ANSWERED_BY = "X-Answered-By"
+"""On a reservation's status relayed from another service (the mutator)."""
 REPLICA = "X-Replica"
 """``standby`` on an answer a standby replica gave while the key's owner could not."""
 

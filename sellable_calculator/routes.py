@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from sellable_calculator.changelog import INPUT_TOPICS
 from sellable_calculator.forwarding import (
+    ANSWERED_BY,
     BEHIND,
     FORWARDED_BY,
     REFLECTS,
@@ -38,6 +39,7 @@ from sellable_calculator.forwarding import (
     ask_standby,
     fan_out,
     find_owner,
+    forwarding_of,
     moved_away,
 )
 from sellable_calculator.read_your_writes import (
@@ -484,9 +486,19 @@ async def count(request: Request, scope: Scope = "all") -> Response:
     response_model=ReservationAnswer,
     summary="The decision on a validated reservation",
     responses={
+        200: {
+            "description": "The decision; or PENDING, as the mutator that accepted the "
+            "reservation answers while nobody has decided it (marked by the header)",
+            "headers": {
+                ANSWERED_BY: _header(
+                    "`inventory_mutator`: this instance knew no decision and relayed the "
+                    "mutator's answer"
+                )
+            },
+        },
         404: error_doc(
-            "No decision on this mutation id is known here (`not_found`): unknown, or not "
-            "decided yet (the mutator that accepted it answers PENDING)"
+            "No decision on this mutation id is known here, and the mutator does not know "
+            "it either, or did not answer (`not_found`)"
         ),
         422: error_doc("`mutationId` is not a UUID (`invalid_request`)"),
     },
@@ -494,16 +506,38 @@ async def count(request: Request, scope: Scope = "all") -> Response:
 async def reservation(mutationId: MutationIdPath, request: Request) -> Response:
     """The decision on the validated reservation `mutationId`: CONFIRMED or FAILED, the
     units it asked for and the sellable units it was decided against. Every instance
-    answers every id: each one indexes every decision published to `reservation_results`."""
+    answers every id: each one indexes every decision published to `reservation_results`.
+    One nobody has decided yet (its key's owner is down or moving) is known only to the
+    mutator that accepted it: its PENDING is relayed."""
     invalid = invalid_mutation_id_response(mutationId)
     if invalid is not None:
         return invalid
-    result = runtime_of(request).store.reservation(mutationId)
-    if result is None:
-        return reservation_not_found(
-            mutationId, "unknown, or not decided yet (the mutator that accepted it answers PENDING)"
-        )
-    return _json(result.answer())
+    runtime = runtime_of(request)
+    result = runtime.store.reservation(mutationId)
+    if result is not None:
+        return _json(result.answer())
+    # Not decided, as far as this instance knows: only the mutator that wrote it knows
+    # a reservation nobody has decided yet (PENDING). Asked once, briefly.
+    mutator = runtime.settings.calculator_mutator_url
+    if mutator:
+        try:
+            answer = await forwarding_of(request).client.get(
+                mutator,
+                f"/inventory/reservations/{mutationId}".encode(),
+                runtime.routing.me.instance_id,
+                runtime.settings.calculator_forward_timeout_seconds,
+            )
+        except (OSError, TimeoutError):
+            answer = None
+        if answer is not None and answer.status == 200:
+            return Response(
+                answer.body,
+                media_type="application/json",
+                headers={ANSWERED_BY: "inventory_mutator"},
+            )
+    return reservation_not_found(
+        mutationId, "unknown, or not decided yet and unknown to the mutator (or it did not answer)"
+    )
 
 
 @router.get("/metadata", response_model=Metadata, summary="The routing table")

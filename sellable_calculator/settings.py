@@ -64,6 +64,11 @@ class CalculatorSettings(KafkaSettings, HttpServerSettings):
         description="Parent directory of the per-instance store (a relative path is taken from "
         "the working directory).",
     )
+    calculator_mutator_url: str = Field(
+        "http://127.0.0.1:9091",
+        description="The mutator, asked about a validated reservation this instance knows no "
+        "decision on: only the mutator that accepted it can say PENDING. Empty: not asked.",
+    )
     calculator_forward_timeout_seconds: float = Field(
         2.0, gt=0, description="How long a forwarded GET may take before answering 503."
     )

@@ -302,41 +302,6 @@ def keys_in(location: str, skus: list[str], partitions: list[int]) -> list[str]:
     return [sku for sku in skus if partition_of(location, sku) in partitions]
 
 
-def test_kill_9_of_an_instance_under_load_survivor_takes_every_partition_and_is_exact(
-    group: Group,
-) -> None:
-    """kill -9 of the owner of half the keys: within the session timeout plus the restore
-    the survivor owns every partition and serves every key; every acknowledged write
-    counts once there."""
-    victim, survivor = group.started("a", "b")
-    location = unique_location("KILL")
-    skus = [f"sku-{n}" for n in range(KEYS)]
-    victim_partitions = victim.partitions()
-    assert victim_partitions and len(victim_partitions) < PARTITIONS
-    assert keys_in(location, skus, victim_partitions), "the victim owns none of the keys"
-    writer = LoadWriter(group.bootstrap, location, skus)
-    writer.start()
-    writer.wait_rounds(10)
-    assert victim.process is not None
-    victim.process.kill()
-    killed = time.monotonic()
-    try:
-        wait_until(lambda: survivor.partitions() == ALL_PARTITIONS, TAKEOVER_BOUND_SECONDS)
-    except WaitTimeout:
-        raise AssertionError(
-            f"the survivor owns {survivor.partitions()} {TAKEOVER_BOUND_SECONDS:g} s after "
-            f"the kill{logs([survivor])}"
-        ) from None
-    took = time.monotonic() - killed
-    writer.check()
-    # Every key is served (not 503) while the writes go on, the victim's too.
-    wait_until(lambda: all(count_or_none(survivor, location, s) is not None for s in skus), 10)
-    writer.wait_rounds(10)
-    expected = writer.stop()
-    wait_exact([survivor], location, expected)
-    print(f"survivor owned every partition {took:.1f} s after the kill -9")
-
-
 def test_a_third_instance_takes_partitions_under_load_and_hands_them_back_on_stop(
     group: Group,
 ) -> None:

@@ -28,7 +28,7 @@ from shared_schemas import encode_key, partition_for, value_serde
 from shared_schemas.schemas import SELLABLE_INVENTORY as SELLABLE_SCHEMA
 from shared_schemas.topics import INVENTORY_ADJUSTMENTS, INVENTORY_RESERVATIONS, SELLABLE_INVENTORY
 
-TRIALS = 4
+TRIALS = 3
 KEYS = 18
 """Three keys per partition on average: every partition replays both topics."""
 
